@@ -1,0 +1,39 @@
+"""`mlx-serve` command line. Each command group lives in its own module; this file only wires them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .cli_config import add_config_commands
+from .cli_serve import add_serve_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-serve",
+        description="Always-on local LLM daemon: one TOML profile, OpenAI / Anthropic / Ollama APIs.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlx-serve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_command(commands)
+    add_config_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

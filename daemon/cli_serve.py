@@ -1,0 +1,28 @@
+"""`mlx-serve serve`: run the daemon in the foreground (launchd / systemd supervise it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--profile", help="profile path (default ~/.mlx-serve/config.toml, else the embedded default)"
+    )
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--log-level", default=os.environ.get("MLX_SERVE_LOG_LEVEL", "info"))
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import run  # imported lazily: `mlx-serve config ...` stays fast
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(args.profile, host=args.host, port=args.port)
