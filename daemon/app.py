@@ -1,15 +1,68 @@
-"""The aiohttp application: middlewares and routes. Dialect routes live in apis/."""
+"""The aiohttp application: middlewares, daemon endpoints, and the dialect routes from apis/."""
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 
 from aiohttp import web
 
-from . import __version__
-from .state import DaemonState
+from mlx_serve.apis.context import GENERATION_OBSERVERS, REGISTRY, RESPONSE_STORE
+from mlx_serve.apis.errors import ErrorInfo, classify, dialect_for_path, error_response
 
+from . import __version__
+from .registry import Registry
+from .state import DaemonState
+from .status import models_status
+
+log = logging.getLogger("mlx_serve.app")
 STATE = web.AppKey("state", DaemonState)
+_HTTP_KINDS = {
+    401: "authentication",
+    403: "permission",
+    404: "not_found",
+    413: "too_large",
+    429: "rate_limit",
+}
+
+
+def _prefix(request: web.Request) -> str:
+    profile = request.app[STATE].profile
+    return profile.apis.prefix if profile else ""
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """Every failure leaves in the dialect's own error shape; nothing escapes as a bare 500."""
+    dialect = dialect_for_path(request.path, _prefix(request))
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_KINDS.get(exc.status, "invalid_request" if exc.status < 500 else "internal")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 413:
+            message = "request body is too large"
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        return error_response(dialect, ErrorInfo(exc.status, kind, message))
+    except Exception as exc:
+        info = classify(exc)
+        if info.status >= 500 and info.kind == "internal":
+            log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(dialect, info)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler):
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request_id
+    return response
 
 
 async def health(request: web.Request) -> web.Response:
@@ -20,18 +73,56 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok",
             "version": __version__,
             "uptime_seconds": round(time.time() - state.started_at, 3),
-            "profile": {
-                "path": state.profile_label,
-                "loaded": state.profile is not None,
-                "last_reload_successful": state.last_reload.successful,
-                "errors": list(state.last_reload.errors),
-            },
+            "profile": state.profile_report(),
         }
     )
 
 
-def create_app(state: DaemonState) -> web.Application:
-    app = web.Application()
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 503 until the profile is valid and preload models are up. Never loads a model."""
+    state = request.app[STATE]
+    registry: Registry | None = request.app.get(REGISTRY)
+    problems = []
+    if state.profile is None:
+        problems.append("profile is invalid")
+    if registry is not None and registry.preloads_pending:
+        problems.append("preload models are still loading")
+    body = {
+        "ready": not problems,
+        "problems": problems,
+        "profile": state.profile_report(),
+        "models": models_status(registry) if registry else [],
+    }
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+def create_app(state: DaemonState, registry: Registry | None = None) -> web.Application:
+    profile = state.profile
+    limits = profile.server.limits if profile else None
+    app = web.Application(
+        middlewares=[request_id_middleware, errors_middleware],
+        client_max_size=limits.max_body_bytes if limits else 16 * 1024 * 1024,
+    )
     app[STATE] = state
+    app[GENERATION_OBSERVERS] = []
+    app[RESPONSE_STORE] = {}
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    if registry is not None:
+        app[REGISTRY] = registry
+        add_dialect_routes(app, profile)
     return app
+
+
+def add_dialect_routes(app: web.Application, profile) -> None:
+    from mlx_serve.apis.anthropic.routes import add_routes as add_anthropic
+    from mlx_serve.apis.ollama.routes import add_routes as add_ollama
+    from mlx_serve.apis.openai.routes import add_routes as add_openai
+
+    prefix = profile.apis.prefix if profile else ""
+    if profile is None or profile.apis.openai:
+        add_openai(app, prefix)
+    if profile is None or profile.apis.anthropic:
+        add_anthropic(app, prefix)
+    if profile is None or profile.apis.ollama:
+        add_ollama(app, prefix)

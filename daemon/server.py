@@ -1,21 +1,25 @@
 """Process life: load the profile, start the HTTP listener, wait for a signal, drain, exit 0.
 
 The process never forks or daemonizes (launchd / systemd supervise it). An invalid profile does
-not stop it from starting: it serves /health, reports not-ready, and recovers when the file is
-fixed (no supervisor restart loop).
+not stop it from starting: it serves /health, reports not-ready, and recovers by itself when the
+file is fixed (no supervisor restart loop). A second SIGTERM/SIGINT exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
 
 from mlx_serve.profiles.loader import ProfileError, load_profile
+from mlx_serve.profiles.schema import Profile
 
 from .app import create_app
+from .registry import Registry
+from .reloader import Reloader
 from .state import DaemonState
 
 log = logging.getLogger("mlx_serve.server")
@@ -30,41 +34,58 @@ def run(profile_path: str | None, *, host: str | None = None, port: int | None =
         state.set_profile_errors(exc.problems)
         for problem in exc.problems:
             log.error("profile: %s", problem)
+        log.error("starting without models; fix the profile and it is applied automatically")
     server = state.profile.server if state.profile else None
     bind_host = host or (server.host if server else "127.0.0.1")
     bind_port = port if port is not None else (server.port if server else DEFAULT_PORT)
     try:
         return asyncio.run(_serve(state, bind_host, bind_port))
-    except OSError as exc:  # e.g. port in use: a fatal start error, non-zero for the supervisor
+    except OSError as exc:  # e.g. the port is taken: a fatal start error, non-zero for the supervisor
         log.error("cannot start: %s", exc)
         return 1
 
 
 async def _serve(state: DaemonState, host: str, port: int) -> int:
-    app = create_app(state)
-    # handler_cancellation: a client that goes away must stop its generation (DESIGN §4).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    profile = state.profile or Profile()
+    registry = Registry(profile)
+    app = create_app(state, registry)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away stops its generation (DESIGN §4)
+        shutdown_timeout=profile.server.drain_timeout,
+        keepalive_timeout=profile.server.limits.idle_timeout,
+        max_field_size=profile.server.limits.max_header_bytes,
+        max_line_size=profile.server.limits.max_header_bytes,
+        access_log=None,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("mlx-serve listening on http://%s:%d (profile: %s)", host, port, state.profile_label)
+    log.info(
+        "mlx-serve %d listening on http://%s:%d (profile: %s)", os.getpid(), host, port, state.profile_label
+    )
+    registry.preload()
+    reloader = Reloader(state, registry)
+    reloader.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals_seen = 0
 
     def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            log.warning("second signal: exiting now")
-            raise SystemExit(1)
-        log.info("received %s: draining", signal.Signals(signum).name)
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info(
+            "received %s: draining (up to %.0fs)", signal.Signals(signum).name, profile.server.drain_timeout
+        )
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)
     await stop.wait()
-    await runner.cleanup()
+    reloader.stop()
+    await runner.cleanup()  # stops accepting, waits for in-flight requests up to drain_timeout
+    await registry.shutdown()
     log.info("stopped")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlx_serve.profiles.loader import LoadedProfile, Problem
 from mlx_serve.profiles.schema import Profile
@@ -14,6 +15,7 @@ class ReloadStatus:
     successful: bool = True
     timestamp: float = field(default_factory=time.time)
     errors: tuple[str, ...] = ()
+    summary: str = "initial load"
 
 
 @dataclass
@@ -22,6 +24,7 @@ class DaemonState:
     loaded: LoadedProfile | None = None
     last_reload: ReloadStatus = field(default_factory=ReloadStatus)
     started_at: float = field(default_factory=time.time)
+    reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0, "unchanged": 0})
 
     @property
     def profile(self) -> Profile | None:
@@ -31,9 +34,22 @@ class DaemonState:
     def profile_label(self) -> str:
         return self.loaded.path if self.loaded else str(self.profile_path or "<none>")
 
-    def set_profile(self, loaded: LoadedProfile) -> None:
+    def set_profile(self, loaded: LoadedProfile, summary: str = "initial load") -> None:
         self.loaded = loaded
-        self.last_reload = ReloadStatus(successful=True)
+        self.last_reload = ReloadStatus(successful=True, summary=summary)
 
     def set_profile_errors(self, problems: list[Problem]) -> None:
-        self.last_reload = ReloadStatus(successful=False, errors=tuple(str(p) for p in problems))
+        self.last_reload = ReloadStatus(
+            successful=False, errors=tuple(str(p) for p in problems), summary="invalid"
+        )
+
+    def profile_report(self) -> dict[str, Any]:
+        return {
+            "path": self.profile_label,
+            "sha256": self.loaded.sha256 if self.loaded else None,
+            "valid": self.loaded is not None,
+            "last_reload_successful": self.last_reload.successful,
+            "last_reload_at": self.last_reload.timestamp,
+            "last_reload_summary": self.last_reload.summary,
+            "errors": list(self.last_reload.errors),
+        }

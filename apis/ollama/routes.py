@@ -1,0 +1,7 @@
+"""ollama dialect routes (being implemented)."""
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application, prefix: str) -> None:
+    pass
