@@ -50,12 +50,18 @@ class Lease:
 
 
 class Registry:
-    def __init__(self, profile: Profile, engine_factory: EngineFactory | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        engine_factory: EngineFactory | None = None,
+        estimator: Callable[[str, ModelSpec], int] = estimate_bytes,
+    ) -> None:
         if engine_factory is None:
             from mlx_serve.engines.factory import create_engine
 
             engine_factory = create_engine
         self._factory = engine_factory
+        self._estimate = estimator  # bytes a model will need, before it is loaded
         self._profile = profile
         self._slots: dict[str, Slot] = {mid: Slot(mid, spec) for mid, spec in profile.models.items()}
         self._memory_lock = asyncio.Lock()
@@ -183,7 +189,7 @@ class Registry:
         return engine
 
     async def _make_room(self, slot: Slot) -> None:
-        needed = estimate_bytes(slot.model_id, slot.spec)
+        needed = self._estimate(slot.model_id, slot.spec)
         residents = [
             Resident(s.model_id, s.memory_bytes(), s.last_used, s.spec.pin, s.busy)
             for s in self._slots.values()
