@@ -7,8 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .cli_admin import add_admin_commands
 from .cli_config import add_config_commands
+from .cli_doctor import add_doctor_command
 from .cli_serve import add_serve_command
+from .cli_service import add_service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_serve_command(commands)
     add_config_commands(commands)
+    add_admin_commands(commands)
+    add_service_commands(commands)
+    add_doctor_command(commands)
     return parser
 
 

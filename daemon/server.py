@@ -17,6 +17,7 @@ from aiohttp import web
 from mlx_serve.profiles.loader import ProfileError, load_profile
 from mlx_serve.profiles.schema import Profile
 
+from .admin import add_admin_routes
 from .app import create_app
 from .registry import Registry
 from .reloader import Reloader
@@ -48,7 +49,9 @@ def run(profile_path: str | None, *, host: str | None = None, port: int | None =
 async def _serve(state: DaemonState, host: str, port: int) -> int:
     profile = state.profile or Profile()
     registry = Registry(profile)
+    reloader = Reloader(state, registry)
     app = create_app(state, registry)
+    add_admin_routes(app, state, reloader)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that goes away stops its generation (DESIGN §4)
@@ -65,7 +68,6 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
         "mlx-serve %d listening on http://%s:%d (profile: %s)", os.getpid(), host, port, state.profile_label
     )
     registry.preload()
-    reloader = Reloader(state, registry)
     reloader.start()
 
     stop = asyncio.Event()

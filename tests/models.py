@@ -5,13 +5,15 @@ temporary directory and renamed into place, so an interrupted build is never pic
 test runs building the same model at once both end with the same complete folder.
 
 The tiny model is random (hidden 64, 2 layers) with SmolLM2's real tokenizer and chat template.
-Its special tokens have zero embedding rows: with tied embeddings their logit is exactly 0 while
-the best ordinary token always scores higher, so greedy decoding never emits an end-of-sequence
-token and always produces exactly max_tokens tokens.
+Its output head is separate from the embeddings (tied heads just echo the last input token) and
+has zero rows for the special tokens: their logit is exactly 0 while the best of ~49k ordinary
+tokens always scores higher, so greedy decoding never emits an end-of-sequence token and always
+produces exactly max_tokens tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -27,7 +29,7 @@ import numpy as np
 
 import mlx_serve.engines.gguf_to_mlx as gguf_to_mlx
 
-RECIPE_VERSION = "tiny-llama-3"  # bump when a builder changes what it writes
+RECIPE_VERSION = "tiny-llama-4"  # bump when a builder changes what it writes
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = {
     "hidden_size": 64,
@@ -40,6 +42,11 @@ TINY = {
     "max_position_embeddings": 2048,
     "seed": 1234,
 }
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path) -> gguf.GGUFReader:
+    return gguf.GGUFReader(path)  # parsing SmolLM2's vocabulary takes seconds; builders share it
 
 
 def cache_root() -> Path:
@@ -96,8 +103,7 @@ def build_smollm2_mlx(gguf_path: Path) -> Path:
 
 def tiny_weights(tokenizer_gguf: Path) -> dict[str, np.ndarray]:
     """The tiny model's float32 weights in mlx-lm (Hugging Face) layout, identical on every call."""
-    reader = gguf.GGUFReader(tokenizer_gguf)
-    types = np.asarray(reader.fields["tokenizer.ggml.token_type"].contents())
+    types = np.asarray(_reader(tokenizer_gguf).fields["tokenizer.ggml.token_type"].contents())
     rng = np.random.default_rng(TINY["seed"])
     h, ff = TINY["hidden_size"], TINY["intermediate_size"]
     head_dim = h // TINY["num_attention_heads"]
@@ -106,9 +112,13 @@ def tiny_weights(tokenizer_gguf: Path) -> dict[str, np.ndarray]:
     def linear(out_dim: int, in_dim: int) -> np.ndarray:
         return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
 
-    embed = rng.standard_normal((len(types), h)).astype(np.float32)
-    embed[types != 1] = 0.0  # special tokens never win greedy decoding (see module docstring)
-    weights = {"model.embed_tokens.weight": embed, "model.norm.weight": np.ones(h, np.float32)}
+    lm_head = rng.standard_normal((len(types), h)).astype(np.float32)
+    lm_head[types != 1] = 0.0  # special tokens never win greedy decoding (see module docstring)
+    weights = {
+        "model.embed_tokens.weight": rng.standard_normal((len(types), h)).astype(np.float32),
+        "model.norm.weight": np.ones(h, np.float32),
+        "lm_head.weight": lm_head,
+    }
     for i in range(TINY["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights |= {
@@ -133,7 +143,7 @@ def _write_tiny_mlx(tokenizer_gguf: Path, out: Path) -> None:
     config = {k: v for k, v in TINY.items() if k != "seed"} | {
         "model_type": "llama",
         "vocab_size": weights["model.embed_tokens.weight"].shape[0],
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
         "rope_traditional": False,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -148,11 +158,18 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_llama_gguf(
-    path: Path, weights: dict[str, np.ndarray], tokenizer_gguf: Path, arch: str = "llama"
+    path: Path,
+    weights: dict[str, Any],
+    tokenizer_gguf: Path | None,
+    arch: str = "llama",
+    qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
 ) -> None:
     """Write mlx-lm-layout float weights as a GGUF with the tokenizer.* metadata of tokenizer_gguf.
 
-    A value in `weights` may also be a (raw bytes, GGMLQuantizationType) pair, to write other types.
+    qtypes quantizes the named weights with gguf-py (F16, Q4_0, Q4_1, Q8_0, ...). A value in `weights`
+    may also be a (raw bytes, GGMLQuantizationType) pair, for types gguf-py cannot produce (K-quants).
+    tokenizer_gguf=None writes no tokenizer (enough for files meant to be rejected, and much faster
+    to read back: parsing a 49k-token vocabulary takes gguf-py seconds).
     """
     heads, kv_heads, h = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["hidden_size"]
     writer = gguf.GGUFWriter(path, arch)
@@ -167,7 +184,8 @@ def write_llama_gguf(
     writer.add_rope_freq_base(TINY["rope_theta"])
     writer.add_rope_dimension_count(h // heads)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for key, field in gguf.GGUFReader(tokenizer_gguf).fields.items():
+    fields = _reader(tokenizer_gguf).fields if tokenizer_gguf else {}
+    for key, field in fields.items():
         if key.startswith("tokenizer."):
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), field.types[0], sub_type)
@@ -183,10 +201,13 @@ def write_llama_gguf(
             raw, qtype = value
             writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=qtype)
             continue
-        if rest_is := module.rsplit(".", 1)[-1] in ("q_proj", "k_proj"):
+        if module.endswith(("q_proj", "k_proj")):  # llama.cpp's RoPE pairs adjacent rows
             value = _permute_qk(value, heads if module.endswith("q_proj") else kv_heads)
-        del rest_is
-        writer.add_tensor(gguf_name, value)
+        if qtype := (qtypes or {}).get(name):
+            raw = gguf.quants.quantize(value, qtype)
+            writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -198,7 +219,9 @@ def _tiny_recipe(tokenizer_gguf: Path) -> dict[str, Any]:
 
 
 def build_tiny_mlx(tokenizer_gguf: Path) -> Path:
-    return cached_build("tiny-mlx", _tiny_recipe(tokenizer_gguf), lambda out: _write_tiny_mlx(tokenizer_gguf, out))
+    return cached_build(
+        "tiny-mlx", _tiny_recipe(tokenizer_gguf), lambda out: _write_tiny_mlx(tokenizer_gguf, out)
+    )
 
 
 def build_tiny_gguf(tokenizer_gguf: Path) -> Path:
