@@ -41,6 +41,12 @@ def tiny_gguf(smollm2_gguf: Path) -> Path:
     return test_models.build_tiny_gguf(smollm2_gguf)
 
 
+@pytest.fixture(scope="session")
+def tiny_fim_gguf(smollm2_gguf: Path) -> Path:
+    """The tiny GGUF with <fim_prefix>/<fim_suffix>/<fim_middle> added: a FIM-capable model."""
+    return test_models.build_tiny_fim_gguf(smollm2_gguf)
+
+
 # ---- a real daemon process (tests/harness.py) ------------------------------------------------
 _hspec = importlib.util.spec_from_file_location(
     "mlx_serve_test_harness", Path(__file__).with_name("harness.py")
@@ -52,7 +58,7 @@ _hspec.loader.exec_module(harness)
 
 
 @pytest.fixture(scope="session")
-def api_models(tiny_gguf: Path, smollm2_gguf: Path, tiny_mlx: Path) -> dict[str, dict]:
+def api_models(tiny_gguf: Path, smollm2_gguf: Path, tiny_mlx: Path, tiny_fim_gguf: Path) -> dict[str, dict]:
     """The standard test profile's models: tiny ones for mechanics, the real SmolLM2 for content."""
     return {
         "tiny": {
@@ -69,6 +75,7 @@ def api_models(tiny_gguf: Path, smollm2_gguf: Path, tiny_mlx: Path) -> dict[str,
         },
         "tiny-mlx": {"source": str(tiny_mlx), "engine": "mlx", "ttl": "forever"},
         "embed": {"source": str(tiny_gguf), "engine": "llama_cpp", "embedding": True, "ttl": "forever"},
+        "fim": {"source": str(tiny_fim_gguf), "engine": "llama_cpp", "ttl": "forever"},
     }
 
 

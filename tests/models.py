@@ -101,9 +101,11 @@ def build_smollm2_mlx(gguf_path: Path) -> Path:
     )
 
 
-def tiny_weights(tokenizer_gguf: Path) -> dict[str, np.ndarray]:
-    """The tiny model's float32 weights in mlx-lm (Hugging Face) layout, identical on every call."""
+def tiny_weights(tokenizer_gguf: Path, extra_tokens: int = 0) -> dict[str, np.ndarray]:
+    """The tiny model's float32 weights in mlx-lm (Hugging Face) layout, identical on every call.
+    extra_tokens adds that many special (never generated) rows after the tokenizer's vocabulary."""
     types = np.asarray(_reader(tokenizer_gguf).fields["tokenizer.ggml.token_type"].contents())
+    types = np.concatenate([types, np.full(extra_tokens, 3, dtype=types.dtype)])
     rng = np.random.default_rng(TINY["seed"])
     h, ff = TINY["hidden_size"], TINY["intermediate_size"]
     head_dim = h // TINY["num_attention_heads"]
@@ -163,13 +165,15 @@ def write_llama_gguf(
     tokenizer_gguf: Path | None,
     arch: str = "llama",
     qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
+    extra_tokens: tuple[str, ...] = (),
 ) -> None:
     """Write mlx-lm-layout float weights as a GGUF with the tokenizer.* metadata of tokenizer_gguf.
 
     qtypes quantizes the named weights with gguf-py (F16, Q4_0, Q4_1, Q8_0, ...). A value in `weights`
     may also be a (raw bytes, GGMLQuantizationType) pair, for types gguf-py cannot produce (K-quants).
     tokenizer_gguf=None writes no tokenizer (enough for files meant to be rejected, and much faster
-    to read back: parsing a 49k-token vocabulary takes gguf-py seconds).
+    to read back: parsing a 49k-token vocabulary takes gguf-py seconds). extra_tokens are appended
+    to the vocabulary as control tokens (e.g. FIM tokens the source tokenizer lacks).
     """
     heads, kv_heads, h = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["hidden_size"]
     writer = gguf.GGUFWriter(path, arch)
@@ -188,7 +192,14 @@ def write_llama_gguf(
     for key, field in fields.items():
         if key.startswith("tokenizer."):
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+            value = field.contents()
+            if extra_tokens and key == "tokenizer.ggml.tokens":
+                value = [*value, *extra_tokens]
+            elif extra_tokens and key == "tokenizer.ggml.token_type":
+                value = [*value, *([gguf.TokenType.CONTROL] * len(extra_tokens))]
+            elif extra_tokens and key == "tokenizer.ggml.scores":
+                value = [*value, *([0.0] * len(extra_tokens))]
+            writer.add_key_value(key, value, field.types[0], sub_type)
     names = {v: k for k, v in gguf_to_mlx._LAYER_NAMES.items()}
     for name, value in weights.items():
         module = name.removesuffix(".weight")
@@ -230,3 +241,18 @@ def build_tiny_gguf(tokenizer_gguf: Path) -> Path:
         write_llama_gguf(out / "tiny-llama-f32.gguf", tiny_weights(tokenizer_gguf), tokenizer_gguf)
 
     return cached_build("tiny-gguf", _tiny_recipe(tokenizer_gguf), build) / "tiny-llama-f32.gguf"
+
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+def build_tiny_fim_gguf(tokenizer_gguf: Path) -> Path:
+    """The tiny model with StarCoder-style FIM tokens added to SmolLM2's vocabulary (SmolLM2 has none)."""
+
+    def build(out: Path) -> None:
+        out.mkdir()
+        weights = tiny_weights(tokenizer_gguf, extra_tokens=len(FIM_TOKENS))
+        write_llama_gguf(out / "tiny-fim-f32.gguf", weights, tokenizer_gguf, extra_tokens=FIM_TOKENS)
+
+    recipe = {**_tiny_recipe(tokenizer_gguf), "fim": FIM_TOKENS}
+    return cached_build("tiny-fim-gguf", recipe, build) / "tiny-fim-f32.gguf"

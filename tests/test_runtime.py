@@ -1,0 +1,250 @@
+"""The daemon as a process: live reload (every editor save style), invalid profiles, TTL, memory
+budget, single-flight loads, SIGTERM drain, and the status/ps/reload CLI. Real daemon, real
+llama.cpp engine, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlx_serve_test_harness import profile_text  # loaded by conftest.py
+
+
+def tiny(path: Path, **extra) -> dict:
+    return {"source": str(path), "engine": "llama_cpp", "ttl": "forever", **extra}
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def models(daemon) -> dict[str, dict]:
+    return {m["id"]: m for m in daemon.get_json("/status")["models"]}
+
+
+def health(daemon) -> dict:
+    return daemon.get_json("/health")
+
+
+def complete(daemon, model: str, max_tokens: int = 32, **extra) -> httpx.Response:
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=120)
+
+
+def stream_text(daemon, model: str, max_tokens: int, on_first=None) -> tuple[str, str | None]:
+    """Stream a completion; returns (text, finish_reason). on_first() runs after the first chunk."""
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    text, finish, first = [], None, True
+    with httpx.stream("POST", f"{daemon.url}/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                text.append(choice["text"])
+                finish = choice.get("finish_reason") or finish
+            if first and on_first:
+                first = False
+                on_first()
+    return "".join(text), finish
+
+
+def loaded_count(daemon, model_id: str) -> int:
+    return daemon.logs().count(f"model {model_id} loaded")
+
+
+# ---- invalid profiles -------------------------------------------------------------------------
+
+
+def test_invalid_profile_at_start_serves_health_then_recovers_when_fixed(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf, kv_cache={"bits": 3})})
+    report = health(daemon)["profile"]
+    assert report["valid"] is False
+    assert any("models.a.kv_cache.bits" in e and "config.toml:" in e for e in report["errors"]), report
+    assert httpx.get(f"{daemon.url}/ready").status_code == 503
+    daemon.profile.write_text(profile_text({"a": tiny(tiny_gguf)}))
+    wait_for(lambda: httpx.get(f"{daemon.url}/ready").status_code == 200)
+    assert complete(daemon, "a").status_code == 200
+
+
+def test_invalid_edit_keeps_serving_the_old_profile(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)})
+    assert complete(daemon, "a").status_code == 200
+    daemon.profile.write_text(profile_text({"a": tiny(tiny_gguf, ttl="soon")}))
+    report = wait_for(lambda: (r := health(daemon)["profile"])["last_reload_successful"] is False and r)
+    assert any(":" in e and "models.a.ttl" in e for e in report["errors"])
+    assert complete(daemon, "a").status_code == 200  # still serving, model untouched
+    assert httpx.get(f"{daemon.url}/ready").status_code == 200
+    status = subprocess.run(
+        [sys.executable, "-m", "mlx_serve.daemon", "status", "--url", daemon.url], capture_output=True, text=True
+    )
+    assert status.returncode == 1 and "models.a.ttl" in status.stdout
+    daemon.profile.write_text(profile_text({"a": tiny(tiny_gguf, ttl="1h")}))
+    wait_for(lambda: health(daemon)["profile"]["last_reload_successful"])
+    assert loaded_count(daemon, "a") == 1  # a ttl change is metadata: never a reload
+
+
+# ---- editor save styles -----------------------------------------------------------------------
+
+
+def _in_place(path: Path, text: str) -> None:
+    with open(path, "r+") as f:
+        f.seek(0)
+        f.write(text)
+        f.truncate()
+
+
+def _truncate_then_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:  # VS Code: empty file first ...
+        f.flush()
+        os.fsync(f.fileno())
+        time.sleep(0.6)  # ... longer than the debounce: the daemon sees an empty file
+        f.write(text)
+
+
+def _vim_rename(path: Path, text: str) -> None:
+    probe = path.parent / "4913"
+    probe.write_text("")
+    probe.unlink()
+    tmp = path.parent / f".{path.name}.swp.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _delete_recreate(path: Path, text: str) -> None:
+    path.unlink()
+    time.sleep(0.6)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("save", [_in_place, _truncate_then_write, _vim_rename, _delete_recreate], ids=lambda f: f.__name__[1:])
+def test_every_editor_save_style_is_applied(start_daemon, tiny_gguf, save) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf, aliases=["first"])})
+    stop = threading.Event()
+    seen_missing: list[dict] = []
+
+    def watch() -> None:  # the model must never disappear while a save is in progress
+        while not stop.is_set():
+            current = models(daemon)
+            if "a" not in current:
+                seen_missing.append(current)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        save(daemon.profile, profile_text({"a": tiny(tiny_gguf, aliases=["second"])}))
+        wait_for(lambda: models(daemon)["a"]["aliases"] == ["second"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert not seen_missing
+    assert health(daemon)["profile"]["last_reload_successful"]
+
+
+# ---- reload while streaming -------------------------------------------------------------------
+
+
+def test_reload_during_stream_leaves_unchanged_model_byte_identical(start_daemon, tiny_gguf) -> None:
+    base = {"a": tiny(tiny_gguf), "b": tiny(tiny_gguf)}
+    daemon = start_daemon(base)
+    reference, finish = stream_text(daemon, "a", max_tokens=400)
+    assert finish == "length"
+
+    def edit() -> None:  # add a model, reload another, change a's metadata: all mid-stream
+        edited = {"a": tiny(tiny_gguf, aliases=["renamed"]), "b": tiny(tiny_gguf, context_length=1024)}
+        edited["c"] = tiny(tiny_gguf)
+        daemon.profile.write_text(profile_text(edited))
+        subprocess.run([sys.executable, "-m", "mlx_serve.daemon", "reload", "--url", daemon.url], check=True)
+
+    text, finish = stream_text(daemon, "a", max_tokens=400, on_first=edit)
+    assert finish == "length"
+    assert text == reference
+    current = models(daemon)
+    assert set(current) == {"a", "b", "c"} and current["a"]["aliases"] == ["renamed"]
+    assert loaded_count(daemon, "a") == 1
+
+
+# ---- registry behaviour on a real engine --------------------------------------------------------
+
+
+def test_concurrent_first_requests_load_once(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)})
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(complete(daemon, "a", 8).status_code)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    assert loaded_count(daemon, "a") == 1
+
+
+def test_ttl_unload(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf, ttl="1s")})
+    assert complete(daemon, "a").status_code == 200
+    assert models(daemon)["a"]["state"] == "loaded"
+    wait_for(lambda: models(daemon)["a"]["state"] == "unloaded", timeout=10)
+    assert "model a unloaded (ttl)" in daemon.logs()
+
+
+def test_model_over_memory_budget_gets_503_with_reason(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)}, server={"memory_budget": "1MiB"})
+    resp = complete(daemon, "a")
+    assert resp.status_code == 503
+    assert "Retry-After" in resp.headers
+    assert "needs about" in resp.json()["error"]["message"]
+
+
+def test_broken_model_is_marked_failed_and_others_keep_working(start_daemon, tiny_gguf, tmp_path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + os.urandom(256))
+    daemon = start_daemon({"a": tiny(tiny_gguf), "broken": tiny(broken)})
+    resp = complete(daemon, "broken")
+    assert resp.status_code == 503 and "broken" in resp.json()["error"]["message"]
+    assert models(daemon)["broken"]["state"] == "failed"
+    assert complete(daemon, "a").status_code == 200
+
+
+# ---- process life -----------------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_stream_then_exits_zero(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)})
+    text, finish = stream_text(daemon, "a", max_tokens=1500, on_first=lambda: daemon.proc.send_signal(signal.SIGTERM))
+    assert finish == "length" and text
+    assert daemon.proc.wait(30) == 0
+    assert "draining" in daemon.logs()
+
+
+def test_status_ps_reload_cli(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf, pin=True)})
+    complete(daemon, "a", 4)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "mlx_serve.daemon", *args, "--url", daemon.url], capture_output=True, text=True
+        )
+
+    status = cli("status")
+    assert status.returncode == 0 and "reload    ok" in status.stdout and "loaded" in status.stdout
+    ps = cli("ps")
+    assert "a " in ps.stdout and "pinned" in ps.stdout and "MiB" in ps.stdout
+    assert cli("reload").stdout.startswith("unchanged")
+    assert json.loads(cli("ps", "--json").stdout)[0]["id"] == "a"
