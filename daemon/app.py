@@ -7,17 +7,20 @@ import time
 import uuid
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlx_serve.apis.context import GENERATION_OBSERVERS, REGISTRY, RESPONSE_STORE
 from mlx_serve.apis.errors import ErrorInfo, classify, dialect_for_path, error_response
 
 from . import __version__
+from .metrics import Metrics, endpoint_of, status_class
 from .registry import Registry
 from .state import DaemonState
 from .status import models_status
 
 log = logging.getLogger("mlx_serve.app")
 STATE = web.AppKey("state", DaemonState)
+METRICS = web.AppKey("metrics", Metrics)
 _HTTP_KINDS = {
     401: "authentication",
     403: "permission",
@@ -65,6 +68,29 @@ async def request_id_middleware(request: web.Request, handler):
     return response
 
 
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):
+    started = time.monotonic()
+    response = None
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        metrics = request.app[METRICS]
+        dialect = dialect_for_path(request.path, _prefix(request))
+        endpoint = endpoint_of(request)
+        # A handler cancelled by a client disconnect has no response: count it as 499 (nginx's "client closed").
+        status = response.status if response is not None else 499
+        metrics.requests.labels(dialect, endpoint, status_class(status)).inc()
+        metrics.request_duration.labels(dialect, endpoint).observe(time.monotonic() - started)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus exposition; never loads a model."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def health(request: web.Request) -> web.Response:
     """Liveness: always cheap, never loads a model."""
     state = request.app[STATE]
@@ -81,36 +107,46 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Readiness: 503 until the profile is valid and preload models are up. Never loads a model."""
     state = request.app[STATE]
-    registry: Registry | None = request.app.get(REGISTRY)
+    registry: Registry = request.app[REGISTRY]
     problems = []
     if state.profile is None:
         problems.append("profile is invalid")
-    if registry is not None and registry.preloads_pending:
+    if registry.preloads_pending:
         problems.append("preload models are still loading")
     body = {
         "ready": not problems,
         "problems": problems,
         "profile": state.profile_report(),
-        "models": models_status(registry) if registry else [],
+        "models": models_status(registry),
     }
     return web.json_response(body, status=200 if not problems else 503)
 
 
-def create_app(state: DaemonState, registry: Registry | None = None) -> web.Application:
+def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.Application:
     profile = state.profile
     limits = profile.server.limits if profile else None
     app = web.Application(
-        middlewares=[request_id_middleware, errors_middleware],
+        middlewares=[request_id_middleware, metrics_middleware, errors_middleware],
         client_max_size=limits.max_body_bytes if limits else 16 * 1024 * 1024,
     )
     app[STATE] = state
-    app[GENERATION_OBSERVERS] = []
+    app[REGISTRY] = registry
+    app[METRICS] = metrics
+    app[GENERATION_OBSERVERS] = [metrics.on_generation]
     app[RESPONSE_STORE] = {}
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    if registry is not None:
-        app[REGISTRY] = registry
-        add_dialect_routes(app, profile)
+    if profile is None or (profile.metrics.enabled and profile.metrics.listen is None):
+        app.router.add_get(profile.metrics.path if profile else "/metrics", metrics_endpoint)
+    add_dialect_routes(app, profile)
+    return app
+
+
+def create_metrics_app(metrics: Metrics, path: str) -> web.Application:
+    """The separate metrics listener ([metrics] listen = "host:port")."""
+    app = web.Application()
+    app[METRICS] = metrics
+    app.router.add_get(path, metrics_endpoint)
     return app
 
 

@@ -18,7 +18,8 @@ from mlx_serve.profiles.loader import ProfileError, load_profile
 from mlx_serve.profiles.schema import Profile
 
 from .admin import add_admin_routes
-from .app import create_app
+from .app import create_app, create_metrics_app
+from .metrics import Metrics
 from .registry import Registry
 from .reloader import Reloader
 from .state import DaemonState
@@ -50,7 +51,9 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
     profile = state.profile or Profile()
     registry = Registry(profile)
     reloader = Reloader(state, registry)
-    app = create_app(state, registry)
+    metrics = Metrics(state, registry)
+    reloader.listeners.append(metrics.record_reload)
+    app = create_app(state, registry, metrics)
     add_admin_routes(app, state, reloader)
     runner = web.AppRunner(
         app,
@@ -64,6 +67,7 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
+    metrics_runner = await _start_metrics_listener(profile, metrics)
     log.info(
         "mlx-serve %d listening on http://%s:%d (profile: %s)", os.getpid(), host, port, state.profile_label
     )
@@ -88,6 +92,19 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
     await stop.wait()
     reloader.stop()
     await runner.cleanup()  # stops accepting, waits for in-flight requests up to drain_timeout
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await registry.shutdown()
     log.info("stopped")
     return 0
+
+
+async def _start_metrics_listener(profile: Profile, metrics: Metrics) -> web.AppRunner | None:
+    if not profile.metrics.enabled or profile.metrics.listen is None:
+        return None
+    host, _, port = profile.metrics.listen.rpartition(":")
+    runner = web.AppRunner(create_metrics_app(metrics, profile.metrics.path), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+    log.info("metrics on http://%s%s", profile.metrics.listen, profile.metrics.path)
+    return runner
