@@ -38,6 +38,11 @@ class OutputPipeline:
         safe, self.stopped = self._stops.feed(text)
         return self._after_stops(safe, final=False)
 
+    @property
+    def matched_stop(self) -> str | None:
+        """The stop string that ended generation, if one did."""
+        return self._stops.matched
+
     def flush(self) -> list[Event]:
         """Everything still held back, at the end of generation."""
         tail = "" if self.stopped else self._stops.flush()

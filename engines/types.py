@@ -126,6 +126,7 @@ class Finished:
     reason: FinishReason
     usage: Usage
     error: str | None = None
+    stop_sequence: str | None = None  # which of the request's stop strings ended it, if one did
 
 
 Event = TextDelta | ReasoningDelta | ToolCallEvent | Finished

@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 class Limits(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 * 1024 * 1024
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 16 * 1024
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 32768
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 131072
     queue_depth: Annotated[int, Field(ge=1, le=10_000)] = 64
     max_messages: Annotated[int, Field(ge=1, le=100_000)] = 2048
     max_stop_sequences: Annotated[int, Field(ge=1, le=256)] = 16
