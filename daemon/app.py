@@ -63,6 +63,7 @@ async def errors_middleware(request: web.Request, handler):
 @web.middleware
 async def request_id_middleware(request: web.Request, handler):
     request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    request["request_id"] = request_id  # streaming handlers send headers before we get the response back
     response = await handler(request)
     response.headers["X-Request-Id"] = request_id
     return response
