@@ -32,6 +32,7 @@ class _Failure:
 class EngineThread:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -46,6 +47,13 @@ class EngineThread:
             except BaseException:  # a job reports its own errors; never let the thread die
                 log.exception("engine job failed")
 
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._closed:  # a job queued behind close() would never run: fail instead of hanging
+            from .errors import EngineNotLoadedError
+
+            raise EngineNotLoadedError("engine is unloaded")
+        self._jobs.put(job)
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the engine thread and await its result."""
         future: Future[T] = Future()
@@ -58,7 +66,7 @@ class EngineThread:
             except BaseException as exc:
                 future.set_exception(exc)
 
-        self._jobs.put(job)
+        self._submit(job)
         return await asyncio.wrap_future(future)
 
     async def stream(self, producer: Callable[[Emit, threading.Event], None]) -> AsyncIterator[Any]:
@@ -86,7 +94,7 @@ class EngineThread:
             finally:
                 emit(_End())
 
-        self._jobs.put(job)
+        self._submit(job)
         try:
             while True:
                 item = await items.get()
@@ -99,6 +107,9 @@ class EngineThread:
             cancelled.set()
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)

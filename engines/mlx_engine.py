@@ -1,0 +1,375 @@
+"""The MLX engine: mlx-lm models behind the Engine protocol.
+
+All MLX work (load, generation, embeddings, unload) runs on the engine's own EngineThread
+(DESIGN §4: MLX streams are thread-local). Prompts are built and tokenized on the event loop's
+side (in a worker thread, under a lock shared with the engine thread, because Hugging Face
+tokenizers are not safe to use from two threads at once), so a prompt that does not fit is
+rejected at once instead of after the requests queued ahead of it. Requests on one engine run one
+at a time, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx_lm
+from mlx.utils import tree_reduce
+from mlx_lm.utils import get_total_parameters
+
+from mlx_serve.profiles.schema import ModelSpec
+
+from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
+from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
+from .mlx_sampling import resolve_sampling
+from .prompting import (
+    ChatTemplate,
+    TemplateError,
+    build_fim_prompt,
+    check_template,
+    fim_tokens_from_vocab,
+    render_chat,
+    tool_format_for,
+)
+from .reasoning import ReasoningFormat, detect_reasoning
+from .sources import mlx_model_dir
+from .types import Capability, EngineInfo, Event, GenerationRequest
+from .worker import EngineThread
+
+log = logging.getLogger("mlx_serve.engines.mlx")
+FALLBACK_CONTEXT = 4096  # when neither the profile nor the model config names a context length
+
+
+class MLXEngine:
+    """One mlx-lm model (plus an optional draft model for speculative decoding)."""
+
+    engine = "mlx"
+
+    def __init__(self, model_id: str, spec: ModelSpec, draft: tuple[str, ModelSpec] | None = None) -> None:
+        self.model_id = model_id
+        self.spec = spec
+        self.counters = EngineCounters()
+        self._draft = draft
+        self._thread: EngineThread | None = None
+        self._loaded: LoadedModel | None = None
+        self._info: EngineInfo | None = None
+        self._template: ChatTemplate | None = None
+        self._reasoning: ReasoningFormat | None = None
+        self._lifecycle = asyncio.Lock()
+
+    @property
+    def thread_ident(self) -> int | None:
+        """The engine thread's id (None before load); every MLX call runs there."""
+        return self._thread.ident if self._thread else None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        async with self._lifecycle:
+            if self._loaded is not None:
+                return
+            thread = EngineThread(f"mlx-engine:{self.model_id}")
+            try:
+                loaded, template, info = await thread.call(self._load_on_thread)
+            except BaseException as exc:
+                thread.close(timeout=0)  # the thread exits after its current job
+                if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
+                    raise ModelLoadError(self.model_id, f"{type(exc).__name__}: {exc}") from exc
+                raise
+            self._thread, self._loaded, self._template = thread, loaded, template
+            self._reasoning = detect_reasoning(template.source) if template else None
+            self._info = info
+            log.info(
+                "loaded %s: %s, context %d, %.0f MB of weights",
+                self.model_id,
+                self._info.architecture,
+                self._info.context_length,
+                loaded.weights_bytes / 2**20,
+            )
+
+    async def unload(self) -> None:
+        async with self._lifecycle:
+            thread, self._thread = self._thread, None
+            self._loaded, self._info, self._template, self._reasoning = None, None, None, None
+            if thread is None:
+                return
+            try:  # queued behind any running generation, which keeps its own reference until done
+                await thread.call(_release_memory)
+            finally:
+                await asyncio.to_thread(thread.close)
+            log.info("unloaded %s", self.model_id)
+
+    def _load_on_thread(self) -> tuple[LoadedModel, ChatTemplate | None, EngineInfo]:
+        self.counters.load_thread = threading.get_ident()
+        self._check_settings()
+        model, tokenizer, config = _load_mlx(self.model_id, mlx_model_dir(self.model_id, self.spec))
+        self._check_kv_group(config)
+        draft_model = None
+        if self.spec.speculative is not None and self.spec.speculative.draft_model is not None:
+            draft_model = self._load_draft(config)
+        template = self._chat_template(tokenizer)
+        weights = _nbytes(model) + (_nbytes(draft_model) if draft_model is not None else 0)
+        fim = fim_tokens_from_vocab(tokenizer.get_vocab().keys())
+        loaded = LoadedModel(model, tokenizer, config, weights, draft_model, fim)
+        return loaded, template, self._make_info(loaded, template)
+
+    def _check_settings(self) -> None:
+        kv = self.spec.kv_cache
+        if kv is not None and kv.bits is not None and kv.max_size is not None:
+            raise ModelLoadError(
+                self.model_id,
+                "kv_cache.bits together with kv_cache.max_size is not supported on MLX "
+                "(mlx-lm cannot quantize a rotating KV cache); drop one of them",
+            )
+        if kv is not None and kv.max_size is not None and self.spec.speculative is not None:
+            if self.spec.speculative.draft_model is not None:
+                log.warning(
+                    "%s: kv_cache.max_size does not apply with a draft model (speculative decoding "
+                    "needs a trimmable cache); the KV cache grows to the context length",
+                    self.model_id,
+                )
+
+    def _check_kv_group(self, config: dict[str, Any]) -> None:
+        kv = self.spec.kv_cache
+        if kv is None or kv.bits is None:
+            return
+        heads = config.get("num_attention_heads") or 0
+        head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)
+        if isinstance(head_dim, int) and head_dim and head_dim % kv.group_size:
+            raise ModelLoadError(
+                self.model_id,
+                f"kv_cache.group_size {kv.group_size} does not divide the model's head size {head_dim}",
+            )
+
+    def _load_draft(self, config: dict[str, Any]) -> Any:
+        if self._draft is None:
+            raise ModelLoadError(self.model_id, "speculative.draft_model is set but no draft model was given")
+        draft_id, draft_spec = self._draft
+        try:
+            draft_model, _, draft_config = _load_mlx(draft_id, mlx_model_dir(draft_id, draft_spec))
+        except ModelLoadError as exc:
+            raise ModelLoadError(self.model_id, f"draft model {draft_id!r}: {exc.reason}") from None
+        if draft_config.get("vocab_size") != config.get("vocab_size"):
+            raise ModelLoadError(
+                self.model_id,
+                f"draft model {draft_id!r} has a different vocabulary "
+                f"({draft_config.get('vocab_size')} vs {config.get('vocab_size')} tokens)",
+            )
+        return draft_model
+
+    def _chat_template(self, tokenizer: Any) -> ChatTemplate | None:
+        source = self.spec.chat_template
+        if source is not None and "{{" not in source and "{%" not in source:
+            path = Path(source).expanduser()  # a file name rather than the template itself
+            if not path.is_file():
+                raise ModelLoadError(self.model_id, f"chat_template file {source!r} does not exist")
+            source = path.read_text(encoding="utf-8")
+        if source is None:
+            source = getattr(tokenizer, "chat_template", None)
+            if isinstance(source, dict):  # named templates: the default one
+                source = source.get("default") or next(iter(source.values()), None)
+        if not source:
+            return None
+        template = ChatTemplate(source, tokenizer.bos_token or "", tokenizer.eos_token or "")
+        try:
+            check_template(template)
+        except TemplateError as exc:
+            raise ModelLoadError(self.model_id, str(exc)) from None
+        return template
+
+    def _make_info(self, loaded: LoadedModel, template: ChatTemplate | None) -> EngineInfo:
+        config = loaded.config
+        caps: set[Capability] = set()
+        if self.spec.embedding:
+            caps.add("embedding")
+        else:
+            caps.add("completion")
+            if template is not None:
+                caps |= {"chat", "tools"}
+            if loaded.fim_tokens:
+                caps.add("fim")
+        quant = config.get("quantization")
+        return EngineInfo(
+            context_length=self._context_length(loaded),
+            capabilities=frozenset(caps),
+            engine=self.engine,
+            architecture=str(config.get("model_type", "unknown")),
+            parameter_count=int(get_total_parameters(loaded.model)),
+            quantization=f"{quant['bits']}bit" if isinstance(quant, dict) and "bits" in quant else None,
+            embedding_length=config.get("hidden_size"),
+            fim_tokens=loaded.fim_tokens,
+            chat_template=template.source if template else None,
+        )
+
+    def _context_length(self, loaded: LoadedModel) -> int:
+        if self.spec.context_length:
+            return self.spec.context_length
+        config = loaded.config
+        for source in (config, config.get("text_config") or {}):
+            value = source.get("max_position_embeddings")
+            if isinstance(value, int) and value > 0:
+                return value
+        limit = getattr(loaded.tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 10**7 else FALLBACK_CONTEXT
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        return self._info
+
+    def memory_bytes(self) -> int:
+        loaded = self._loaded
+        return 0 if loaded is None else loaded.weights_bytes + loaded.kv_bytes
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's exact token count, also when it would not fit the context."""
+        loaded = self._require_loaded()
+        text, add_special = self._prompt_text(loaded, request)
+        return len(await asyncio.to_thread(_encode, loaded, text, add_special))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if self.spec.embedding:
+            raise UnsupportedRequestError(
+                f"model {self.model_id!r} is an embedding model; it does not generate"
+            )
+        plan = await self._plan(request)
+        loaded, thread = self._loaded, self._thread
+        if loaded is None or thread is None:  # unloaded while the prompt was being tokenized
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        producer = partial(run_generation, loaded, self.spec, plan, self.counters)
+        async with aclosing(thread.stream(producer)) as events:
+            async for event in events:
+                yield event
+
+    async def _plan(self, request: GenerationRequest) -> DecodePlan:
+        loaded = self._require_loaded()
+        text, add_special = self._prompt_text(loaded, request)
+        ids = await asyncio.to_thread(_encode, loaded, text, add_special)
+        if not ids:
+            raise UnsupportedRequestError("the prompt is empty")
+        context = self.info().context_length
+        if len(ids) >= context:
+            raise ContextOverflowError(len(ids), context)
+        sampling = resolve_sampling(request.sampling, self.spec.sampling, context - len(ids))
+        chat = request.messages is not None
+        tools = bool(request.tools) and request.tool_choice != "none"
+        return DecodePlan(
+            prompt_ids=tuple(ids),
+            prompt_text=text,
+            sampling=sampling,
+            stops=request.sampling.stop,
+            reasoning=self._reasoning if chat else None,
+            tool_format=tool_format_for(self._template, f"{self.model_id} {self.spec.source}", tools)
+            if chat
+            else None,
+        )
+
+    def _prompt_text(self, loaded: LoadedModel, request: GenerationRequest) -> tuple[str, bool]:
+        """(prompt text, whether the tokenizer should add its special tokens)."""
+        if request.messages is not None:
+            if request.suffix is not None:
+                raise UnsupportedRequestError("fill-in-the-middle (suffix) needs a raw prompt, not messages")
+            if self._template is None:
+                raise UnsupportedRequestError(
+                    f"model {self.model_id!r} has no chat template; send a raw prompt"
+                )
+            tools = request.tools if request.tool_choice != "none" else ()
+            try:
+                text = render_chat(self._template, request.messages, tools, request.enable_thinking)
+            except TemplateError as exc:
+                raise UnsupportedRequestError(str(exc)) from None
+            return text, False  # the template writes any special tokens itself
+        assert request.prompt is not None
+        text = request.prompt
+        if request.suffix is not None:
+            fim = loaded.fim_tokens
+            if not fim:
+                raise UnsupportedRequestError(
+                    f"model {self.model_id!r} has no fill-in-the-middle tokens; suffix is not supported"
+                )
+            text = build_fim_prompt(text, request.suffix, fim)
+        bos = loaded.tokenizer.bos_token
+        return text, request.add_special_tokens and not (bos and text.startswith(bos))
+
+    def _require_loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        return self._loaded
+
+    # -- embeddings ----------------------------------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalized last hidden states (after the final norm), one per text.
+
+        Mean pooling over all tokens suits most LLM-based embedders; models trained for last-token
+        pooling (e.g. Qwen3-Embedding) give usable but not optimal vectors this way.
+        """
+        if not self.spec.embedding:
+            raise UnsupportedRequestError(f"model {self.model_id!r} is not an embedding model")
+        loaded = self._require_loaded()
+        context = self.info().context_length
+        batches = await asyncio.to_thread(lambda: [_encode(loaded, t, True) for t in texts])
+        for ids in batches:
+            if not ids:
+                raise UnsupportedRequestError("cannot embed an empty input")
+            if len(ids) > context:
+                raise ContextOverflowError(len(ids), context)
+        thread = self._thread
+        if thread is None or self._loaded is not loaded:
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        return await thread.call(_embed_on_thread, loaded, batches)
+
+
+def _load_mlx(model_id: str, path: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """mlx_lm.load with its failures turned into ModelLoadError naming the model and the reason."""
+    try:
+        model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(model_id, f"missing model files: {exc}") from None
+    except ValueError as exc:
+        text = str(exc)
+        kind = "unsupported architecture" if "not supported" in text else "weights do not match the config"
+        raise ModelLoadError(model_id, f"{kind}: {text}") from None
+    except Exception as exc:  # corrupt safetensors, bad JSON, tokenizer errors, ...
+        raise ModelLoadError(model_id, f"corrupt or unreadable model files: {exc}") from None
+    return model, tokenizer, config
+
+
+def _nbytes(model: Any) -> int:
+    return int(tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, model, 0))
+
+
+def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
+    with loaded.tokenizer_lock:
+        return list(loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _embed_on_thread(loaded: LoadedModel, batches: list[list[int]]) -> list[list[float]]:
+    backbone = getattr(loaded.model, "model", None)
+    if not callable(backbone):
+        raise UnsupportedRequestError("this architecture does not expose hidden states for embeddings")
+    out: list[list[float]] = []
+    for ids in batches:
+        hidden = backbone(mx.array(ids)[None]).astype(mx.float32)[0]  # (tokens, hidden)
+        pooled = hidden.mean(axis=0)
+        vector = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
+        out.append(vector.tolist())
+    return out
+
+
+def _release_memory() -> None:
+    gc.collect()
+    clear = getattr(mx, "clear_cache", None) or mx.metal.clear_cache  # the latter before MLX 0.26
+    clear()

@@ -1,0 +1,231 @@
+"""One MLX generation, run on the engine's thread: token generator -> detokenizer -> events.
+
+The token generators are mlx-lm's own (`generate_step`, `speculative_generate_step` for a draft
+model) or ours for prompt lookup; all yield (token, logprobs, from_draft). Decoded text goes
+through the shared OutputPipeline (stop strings, reasoning, tool calls). `cancelled` is checked
+after every token, so a closed stream stops within a token or two.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step, generation_stream, speculative_generate_step, wired_limit
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_serve.profiles.schema import ModelSpec
+
+from .mlx_sampling import ResolvedSampling, token_logprob
+from .postprocess import OutputPipeline
+from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
+from .reasoning import ReasoningFormat
+from .toolcalls import ToolFormat
+from .types import Finished, FinishReason, Usage
+
+log = logging.getLogger("mlx_serve.engines.mlx")
+KV_REFRESH_TOKENS = 16  # how often the running request's KV size is re-measured for memory_bytes()
+TokenStream = Generator[tuple[int, mx.array, bool], None, None]
+
+
+@dataclass
+class LoadedModel:
+    """Everything load() produced. Only the engine thread touches the MLX objects in it."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    config: dict[str, Any]
+    weights_bytes: int
+    draft_model: nn.Module | None = None
+    fim_tokens: tuple[str, str, str] | None = None  # (prefix, suffix, middle) when the vocab has them
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    kv_bytes: int = 0  # KV cache of the running request, refreshed by the engine thread
+
+
+@dataclass
+class EngineCounters:
+    """Plain counters for metrics and tests; written on the engine thread, read anywhere."""
+
+    tokens_generated: int = 0  # every token the model produced, over all requests
+    requests: int = 0
+    load_thread: int | None = None
+    generate_thread: int | None = None
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """One request, ready to run: the exact prompt tokens and how to turn output into events."""
+
+    prompt_ids: tuple[int, ...]
+    prompt_text: str
+    sampling: ResolvedSampling
+    stops: tuple[str, ...] = ()
+    reasoning: ReasoningFormat | None = None
+    tool_format: ToolFormat | None = None
+
+
+def token_stream(
+    loaded: LoadedModel, spec: ModelSpec, plan: DecodePlan, drafts: DraftCounters
+) -> tuple[TokenStream, list[Any]]:
+    """The generator for this model's decoding mode, and the KV caches it fills."""
+    s = plan.sampling
+    prompt = mx.array(plan.prompt_ids, mx.uint32)
+    kv = spec.kv_cache
+    quant: dict[str, Any] = {}
+    if kv is not None and kv.bits is not None:
+        quant = {"kv_bits": kv.bits, "kv_group_size": kv.group_size, "quantized_kv_start": kv.start}
+    common: dict[str, Any] = {
+        "max_tokens": s.max_tokens,
+        "sampler": s.sampler(),
+        "logits_processors": s.logits_processors(),
+        **quant,
+    }
+    speculative = spec.speculative
+    if loaded.draft_model is not None and speculative is not None:
+        # mlx-lm needs trimmable caches here, so max_kv_size does not apply (see MLXEngine.load).
+        cache = make_prompt_cache(loaded.model) + make_prompt_cache(loaded.draft_model)
+        raw = speculative_generate_step(
+            prompt,
+            loaded.model,
+            loaded.draft_model,
+            num_draft_tokens=speculative.num_draft_tokens,
+            prompt_cache=cache,
+            **common,
+        )
+        return _count_drafts(raw, speculative.num_draft_tokens, s.max_tokens, drafts), cache
+    cache = make_prompt_cache(loaded.model, max_kv_size=kv.max_size if kv else None)
+    if speculative is not None and speculative.prompt_lookup is not None:
+        lookup = speculative.prompt_lookup
+        stream = prompt_lookup_generate_step(
+            prompt,
+            loaded.model,
+            num_pred_tokens=lookup.num_pred_tokens,
+            max_ngram=lookup.max_ngram,
+            min_ngram=lookup.min_ngram,
+            prompt_cache=cache,
+            counters=drafts,
+            **common,
+        )
+        return stream, cache
+    return _plain(generate_step(prompt, loaded.model, prompt_cache=cache, **common)), cache
+
+
+def _plain(steps: Iterator[tuple[int, mx.array]]) -> TokenStream:
+    try:
+        for token, logprobs in steps:
+            yield token, logprobs, False
+    finally:
+        close = getattr(steps, "close", None)
+        if close:
+            close()
+
+
+def _count_drafts(steps: TokenStream, k: int, max_tokens: int, drafts: DraftCounters) -> TokenStream:
+    """Recover drafted/accepted counts from speculative_generate_step's output.
+
+    Each round drafts min(k, tokens left) tokens, yields the accepted ones (from_draft=True), then
+    the target model's own token (from_draft=False) unless max_tokens was reached first.
+    """
+    produced, new_round = 0, True
+    try:
+        for token, logprobs, from_draft in steps:
+            if new_round:
+                drafts.drafted += min(k, max_tokens - produced)
+                new_round = False
+            if from_draft:
+                drafts.accepted += 1
+            else:
+                new_round = True
+            produced += 1
+            yield token, logprobs, from_draft
+    finally:
+        steps.close()
+
+
+def run_generation(
+    loaded: LoadedModel,
+    spec: ModelSpec,
+    plan: DecodePlan,
+    counters: EngineCounters,
+    emit: Callable[[Any], None],
+    cancelled: threading.Event,
+) -> None:
+    """The producer for EngineThread.stream: emits events, the last one Finished (unless cancelled)."""
+    counters.generate_thread = threading.get_ident()
+    counters.requests += 1
+    s = plan.sampling
+    drafts = DraftCounters()
+    completion = 0
+    tokenizer, lock = loaded.tokenizer, loaded.tokenizer_lock
+
+    def decode(token: int) -> str:
+        with lock:
+            return tokenizer.decode([token])
+
+    def finished(reason: FinishReason, error: str | None = None) -> Finished:
+        usage = Usage(
+            prompt_tokens=len(plan.prompt_ids),
+            completion_tokens=completion,
+            drafted_tokens=drafts.drafted,
+            accepted_draft_tokens=drafts.accepted,
+        )
+        return Finished(reason, usage, error)
+
+    if s.seed is not None:
+        mx.random.seed(s.seed)
+    pipeline = OutputPipeline(plan.stops, plan.reasoning, plan.tool_format, plan.prompt_text)
+    detokenizer = tokenizer.detokenizer
+    eos = tokenizer.eos_token_ids
+    reason: FinishReason = "length"
+    tokens: TokenStream | None = None
+    try:
+        tokens, cache = token_stream(loaded, spec, plan, drafts)
+        with wired_limit(loaded.model, [generation_stream]):  # a no-op without Metal
+            for token, logprobs, _from_draft in tokens:
+                completion += 1
+                counters.tokens_generated += 1
+                if cancelled.is_set():
+                    return  # the consumer is gone: nobody to tell
+                if completion % KV_REFRESH_TOKENS == 1:
+                    loaded.kv_bytes = _cache_bytes(cache)
+                if token in eos:
+                    reason = "stop"
+                    break
+                with lock:  # naive detokenizers call the tokenizer, which other threads also use
+                    detokenizer.add_token(token)
+                lp = (token_logprob(token, logprobs, s.top_logprobs, decode),) if s.logprobs else ()
+                for event in pipeline.feed(detokenizer.last_segment, lp):
+                    emit(event)
+                if pipeline.stopped:
+                    reason = "stop"
+                    break
+        detokenizer.finalize()
+        events = pipeline.feed(detokenizer.last_segment) + pipeline.flush()
+        for event in events:
+            emit(event)
+        if pipeline.tool_calls:
+            reason = "tool_calls"
+        emit(finished(reason))
+    except Exception as exc:  # mid-stream failure: the stream still ends with Finished
+        log.exception("generation failed")
+        emit(finished("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if tokens is not None:
+            tokens.close()  # runs the generators' cleanup (speculative cache rewind)
+        loaded.kv_bytes = 0
+
+
+def _cache_bytes(cache: list[Any]) -> int:
+    total = 0
+    for c in cache:
+        try:
+            total += int(c.nbytes)
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+    return total
