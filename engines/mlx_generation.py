@@ -175,7 +175,7 @@ def run_generation(
             drafted_tokens=drafts.drafted,
             accepted_draft_tokens=drafts.accepted,
         )
-        return Finished(reason, usage, error)
+        return Finished(reason, usage, error, stop_sequence=pipeline.matched_stop)
 
     if s.seed is not None:
         mx.random.seed(s.seed)
