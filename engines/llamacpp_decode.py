@@ -1,0 +1,185 @@
+"""llama.cpp decoding for LlamaCppEngine: prompt prefill with KV prefix reuse, sampling with
+per-token logprobs, prompt-lookup drafts verified in one batch, and token pieces.
+
+Runs only on the engine's thread. `Llama.input_ids[:n_tokens]` always mirrors the KV cache, so
+the next request can reuse the longest common prefix (as `Llama.generate` does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import LlamaSampler
+
+from mlx_serve.profiles.schema import PromptLookup
+
+from .types import TokenLogprob
+
+PENALTY_LAST_N = 64
+
+
+@dataclass
+class DraftStats:
+    drafted: int = 0
+    accepted: int = 0
+
+
+class Decoder:
+    """Decoding state around one `Llama`; `rendered_special` are control tokens shown as text."""
+
+    def __init__(self, llm: llama_cpp.Llama, rendered_special: Iterable[int] = ()) -> None:
+        self.llm = llm
+        self.rendered_special = frozenset(rendered_special)
+        self._pieces: dict[int, bytes] = {}
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+    def prefill(self, tokens: list[int]) -> int:
+        """Decode the prompt, reusing the longest cached prefix; returns the reused token count."""
+        llm, common = self.llm, 0
+        if llm.n_tokens:
+            m = min(llm.n_tokens, len(tokens))
+            same = llm.input_ids[:m] == np.asarray(tokens[:m], dtype=np.intc)
+            common = m if same.all() else int(np.argmin(same))
+            common = min(common, len(tokens) - 1)  # decode at least one token: we need fresh logits
+            if common and not llm._ctx.kv_cache_seq_rm(-1, common, -1):
+                common = 0
+        if not common:
+            forget_cache(llm)
+        llm.n_tokens = common
+        decode(llm, tokens[common:], all_logits=False)
+        return common
+
+    def tokens(
+        self,
+        sampler: LlamaSampler,
+        prompt: list[int],
+        budget: int,
+        lookup: PromptLookup | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        stats: DraftStats | None = None,
+    ) -> Iterator[tuple[int, tuple[TokenLogprob, ...]]]:
+        """Up to `budget` sampled tokens with their logprobs, after prefill(prompt).
+
+        With `lookup`, drafts from prompt + output are decoded in one batch and each position is
+        sampled in turn; the first sample that differs from the draft ends the run and the rest of
+        the draft is dropped from the cache, so the output is what plain decoding would give.
+        """
+        llm, stats = self.llm, stats or DraftStats()
+        history = np.empty(len(prompt) + budget, dtype=np.intc)
+        history[: len(prompt)] = prompt
+        size, produced, draft = len(prompt), 0, []
+        while True:
+            for i in range(len(draft) + 1):
+                idx = i if draft else -1  # batch index of the logits that predict this token
+                token = sampler.sample(llm._ctx, idx)
+                history[size] = token
+                size, produced = size + 1, produced + 1
+                yield token, (self._logprobs(idx, token, top_logprobs) if logprobs else ())
+                if produced >= budget:
+                    return
+                if i < len(draft) and token == draft[i]:
+                    stats.accepted += 1
+                    continue
+                if i < len(draft):  # rejected: drop the unverified rest of the draft from the cache
+                    keep = llm.n_tokens - (len(draft) - i)
+                    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+                    llm.n_tokens = keep
+                break
+            draft = []
+            if lookup is not None:
+                room = min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1)
+                draft = (
+                    lookup_draft(history[:size], lookup.min_ngram, lookup.max_ngram, room) if room > 0 else []
+                )
+                stats.drafted += len(draft)
+            decode(llm, [token, *draft], all_logits=bool(draft))
+
+    def _logprobs(self, idx: int, token: int, top: int) -> tuple[TokenLogprob, ...]:
+        llm = self.llm
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(idx), shape=(llm.n_vocab(),))
+        peak = float(logits.max())
+        lse = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        best: tuple[tuple[str, float], ...] = ()
+        if top > 0:
+            ids = np.argpartition(-logits, min(top, logits.size - 1))[:top]
+            ids = ids[np.argsort(-logits[ids])]
+            best = tuple((self.piece_text(int(i)), float(logits[i]) - lse) for i in ids)
+        return (TokenLogprob(self.piece_text(token), min(0.0, float(logits[token]) - lse), best),)
+
+    def piece(self, token: int) -> bytes:
+        """The token's bytes; control tokens are empty unless a parser needs to see them."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            special = token in self.rendered_special
+            vocab, size = self.llm._model.vocab, 64
+            while True:  # llama-cpp-python's own detokenize asserts on pieces over 32 bytes
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+                if n >= 0:
+                    break
+                size = -n
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def piece_text(self, token: int) -> str:
+        return self.piece(token).decode("utf-8", errors="replace")
+
+
+def make_sampler(llm: llama_cpp.Llama, s: dict[str, Any]) -> LlamaSampler:
+    """The sampler chain llama-cpp-python builds: penalties, then greedy or top-k/top-p/min-p/temp/dist."""
+    sampler = LlamaSampler()
+    sampler.add_penalties(
+        n_vocab=llm.n_vocab(),
+        penalty_last_n=PENALTY_LAST_N,
+        penalty_repeat=s["repetition_penalty"],
+        penalty_freq=s["frequency_penalty"],
+        penalty_present=s["presence_penalty"],
+    )
+    if s["temperature"] <= 0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(s["top_k"])
+        sampler.add_top_p(s["top_p"], 1)
+        sampler.add_min_p(s["min_p"], 1)
+        sampler.add_temp(s["temperature"])
+        seed = s["seed"]
+        sampler.add_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF)
+    return sampler
+
+
+def decode(llm: llama_cpp.Llama, tokens: list[int], all_logits: bool) -> None:
+    """Decode tokens after the cache in batches; logits for the last token (or all, for drafts)."""
+    for start in range(0, len(tokens), llm.n_batch):
+        chunk = tokens[start : start + llm.n_batch]
+        llm._batch.set_batch(chunk, n_past=llm.n_tokens, logits_all=all_logits)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[llm.n_tokens : llm.n_tokens + len(chunk)] = chunk
+        llm.n_tokens += len(chunk)
+    llm._requires_eval = False
+
+
+def forget_cache(llm: llama_cpp.Llama) -> None:
+    llm._ctx.kv_cache_clear()
+    llm.n_tokens = 0
+    llm._requires_eval = True
+
+
+def lookup_draft(history: np.ndarray, min_ngram: int, max_ngram: int, limit: int) -> list[int]:
+    """Prompt-lookup drafting: the tokens that followed the first earlier occurrence of the longest
+    suffix n-gram (max_ngram down to min_ngram) of prompt + output; [] when nothing matches."""
+    n = len(history)
+    for size in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], size)
+        hits = np.flatnonzero((windows == history[-size:]).all(axis=1))
+        if hits.size:
+            start = int(hits[0]) + size
+            return history[start : start + limit].tolist()
+    return []

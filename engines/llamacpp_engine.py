@@ -1,0 +1,395 @@
+"""The llama.cpp engine: GGUF models through llama-cpp-python, behind the Engine protocol.
+
+Every call on the `Llama` object runs on the engine's own thread (it is not thread-safe). Prompts
+are rendered from the GGUF's chat template in our sandbox (prompting.py), never by llama-cpp-python's
+chat handlers. Decoding uses llama-cpp-python's context, batch and sampler objects directly rather
+than `Llama.generate`, for three reasons: per-token logprobs without `logits_all` (which keeps an
+n_ctx x n_vocab float array), prompt-lookup drafts verified in one batch with only that batch's
+logits, and draft statistics for Usage (see llamacpp_decode.py). Loading, GGUF validation and the
+profile's llama.cpp settings live in llamacpp_load.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from mlx_serve.profiles.schema import ModelSpec
+
+from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
+from .llamacpp_decode import Decoder, DraftStats, forget_cache, make_sampler
+from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama
+from .postprocess import OutputPipeline
+from .prompting import (
+    ChatTemplate,
+    TemplateError,
+    build_fim_prompt,
+    check_template,
+    fim_tokens_from_vocab,
+    render_chat,
+    tool_format_for,
+)
+from .reasoning import ReasoningFormat, detect_reasoning
+from .sources import gguf_file
+from .toolcalls import ToolFormat
+from .types import (
+    Capability,
+    EngineInfo,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Usage,
+)
+from .worker import Emit, EngineThread
+
+# Used when neither the request nor the profile's [sampling] sets a value. Neutral, as in the MLX
+# engine (mlx_sampling.py): temperature 1.0 is the OpenAI/Anthropic default; top-k 0, top-p 1 and
+# min-p 0 are no-ops in llama.cpp's samplers. Profiles set per-model values.
+DEFAULT_SAMPLING: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+# Control tokens that are rendered as text although they are "special": parsers need to see them.
+MARKER_TOKENS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "<think>", "</think>")
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Everything one load produced; swapped in and out as a whole."""
+
+    llm: llama_cpp.Llama
+    header: GGUFHeader
+    decoder: Decoder
+    n_ctx: int  # the profile's context (llama.cpp pads its own up to a multiple of 256)
+    template: ChatTemplate | None
+    reasoning: ReasoningFormat | None
+    fim: tuple[str, str, str] | None
+
+
+@dataclass
+class _Prepared:
+    model: _Model
+    tokens: list[int]
+    text: str
+    stops: tuple[str, ...]
+    reasoning: ReasoningFormat | None
+    tool_format: ToolFormat | None
+    sampling: dict[str, Any]
+    budget: int  # completion tokens allowed: max_tokens, capped by the room left in the context
+    logprobs: bool
+    top_logprobs: int
+
+
+class LlamaCppEngine:
+    def __init__(self, model_id: str, spec: ModelSpec) -> None:
+        self.model_id = model_id
+        self.spec = spec
+        self.generated_tokens = 0  # tokens sampled over the engine's life (cancellation is measured by it)
+        self._thread: EngineThread | None = None
+        self._model: _Model | None = None
+        self._load_lock = asyncio.Lock()
+        self._abandoned: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        async with self._load_lock:
+            if self._model is not None:
+                return
+            thread = EngineThread(f"llama.cpp:{self.model_id}")
+            job = asyncio.ensure_future(thread.call(self._load_sync))
+            try:
+                model = await asyncio.shield(job)
+            except asyncio.CancelledError:  # a native load cannot be interrupted: free it when it ends
+                task = asyncio.ensure_future(_discard(thread, job))
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
+                raise
+            except BaseException:
+                await asyncio.to_thread(thread.close)
+                raise
+            self._thread, self._model = thread, model
+
+    def _load_sync(self) -> _Model:
+        path = gguf_file(self.model_id, self.spec)
+        llm, header = load_llama(self.model_id, path, self.spec)
+        try:
+            return self._describe(llm, header)
+        except BaseException:
+            llm.close()
+            raise
+
+    def _describe(self, llm: llama_cpp.Llama, header: GGUFHeader) -> _Model:
+        """Chat template, reasoning tags and FIM tokens from the GGUF; the decoder for this model."""
+        tokens = header.tokens
+        source = self._template_source(header)
+        template, reasoning = None, None
+        if source and not self.spec.embedding:
+
+            def text_of(key: str) -> str:
+                tid = header.metadata.get(key)
+                return tokens[tid] if isinstance(tid, int) and 0 <= tid < len(tokens) else ""
+
+            template = ChatTemplate(
+                source, text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id")
+            )
+            try:
+                check_template(template)
+            except TemplateError as exc:
+                raise ModelLoadError(self.model_id, str(exc)) from None
+            reasoning = detect_reasoning(source)
+        markers = set(MARKER_TOKENS) | ({reasoning.start, reasoning.end} if reasoning else set())
+        decoder = Decoder(llm, (i for i, t in enumerate(tokens) if t in markers))
+        n_ctx = min(llm.n_ctx(), llm.context_params.n_ctx)
+        return _Model(llm, header, decoder, n_ctx, template, reasoning, fim_tokens_from_vocab(tokens))
+
+    def _template_source(self, header: GGUFHeader) -> str | None:
+        """The profile's chat_template (Jinja text, or a path to a file holding it), else the GGUF's."""
+        override = self.spec.chat_template
+        if override and "{{" not in override and "{%" not in override:
+            path = Path(override).expanduser()
+            try:
+                return path.read_text()
+            except OSError as exc:
+                raise ModelLoadError(
+                    self.model_id, f"chat_template file {path}: {exc.strerror or exc}"
+                ) from None
+        return override or header.metadata.get("tokenizer.chat_template")
+
+    async def unload(self) -> None:
+        async with self._load_lock:
+            thread, model = self._thread, self._model
+            self._thread, self._model = None, None  # jobs still queued now fail with EngineNotLoadedError
+            if thread is None:
+                return
+            if model is not None:
+                await thread.call(model.llm.close)
+            await asyncio.to_thread(thread.close)
+
+    def _require(self) -> tuple[_Model, EngineThread]:
+        if self._model is None or self._thread is None:
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        return self._model, self._thread
+
+    def _live(self) -> _Model:
+        """The model, checked on the engine thread: jobs queued behind unload() find it gone."""
+        if self._model is None:
+            raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
+        return self._model
+
+    # ---- metadata --------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        model, _ = self._require()
+        header = model.header
+        caps: set[Capability] = set()
+        if self.spec.embedding:
+            caps.add("embedding")
+        else:
+            caps.add("completion")
+            if model.template is not None:
+                caps |= {"chat", "tools"}  # templates without tool support get the Hermes tool prompt
+            if model.fim is not None:
+                caps.add("fim")
+        return EngineInfo(
+            context_length=model.n_ctx,
+            capabilities=frozenset(caps),
+            engine="llama_cpp",
+            architecture=header.architecture,
+            parameter_count=header.parameter_count,
+            quantization=header.quantization,
+            embedding_length=model.llm.n_embd(),
+            fim_tokens=model.fim,
+            chat_template=model.template.source if model.template else None,
+        )
+
+    def memory_bytes(self) -> int:
+        """Weights (file size) + the KV cache for n_ctx; 0 when not loaded."""
+        model = self._model
+        if model is None:
+            return 0
+        bits = self.spec.kv_cache.bits if self.spec.kv_cache else None
+        return model.header.file_size + kv_cache_bytes(model.header, model.llm.n_ctx(), bits)
+
+    # ---- prompts ---------------------------------------------------------------------------
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        _, thread = self._require()
+        return len((await thread.call(self._prompt, request))[1])
+
+    def _prompt(self, request: GenerationRequest) -> tuple[_Model, list[int], str]:
+        """(model, tokens, text) exactly as generate() decodes them."""
+        model = self._live()
+        llm, template = model.llm, model.template
+        add_special = request.add_special_tokens
+        if request.messages is not None:
+            if template is None:
+                raise UnsupportedRequestError(
+                    f"model {self.model_id!r} has no chat template; send a raw prompt"
+                )
+            if request.suffix is not None:
+                raise UnsupportedRequestError("fill-in-the-middle takes a raw prompt, not messages")
+            try:
+                text = render_chat(template, request.messages, request.tools, request.enable_thinking)
+            except TemplateError as exc:
+                raise UnsupportedRequestError(str(exc)) from None
+            bos = template.bos_token
+            add_special = add_special and not (bos and text.startswith(bos))
+        elif request.suffix is not None:
+            if model.fim is None:
+                raise UnsupportedRequestError(f"model {self.model_id!r} has no fill-in-the-middle tokens")
+            text = build_fim_prompt(request.prompt or "", request.suffix, model.fim)
+        else:
+            text = request.prompt or ""
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+        if not tokens:
+            bos = llm.token_bos()
+            if bos < 0:
+                raise UnsupportedRequestError("the prompt is empty")
+            tokens = [bos]
+        return model, tokens, text
+
+    def _prepare(self, request: GenerationRequest) -> _Prepared:
+        if self.spec.embedding:
+            raise UnsupportedRequestError(
+                f"model {self.model_id!r} is an embedding model; it does not generate"
+            )
+        model, tokens, text = self._prompt(request)
+        n_ctx, is_chat = model.n_ctx, request.messages is not None
+        if len(tokens) >= n_ctx:
+            raise ContextOverflowError(len(tokens), n_ctx)
+        s = request.sampling
+        max_tokens = s.max_tokens or self.spec.sampling.max_tokens or n_ctx
+        hint = f"{self.model_id} {model.header.metadata.get('general.name', '')}"
+        return _Prepared(
+            model=model,
+            tokens=tokens,
+            text=text,
+            stops=s.stop,
+            reasoning=model.reasoning if is_chat else None,
+            tool_format=tool_format_for(model.template, hint, bool(request.tools)) if is_chat else None,
+            sampling=self._sampling(s),
+            budget=min(max_tokens, n_ctx - len(tokens)),
+            logprobs=s.logprobs or s.top_logprobs > 0,
+            top_logprobs=s.top_logprobs,
+        )
+
+    def _sampling(self, s: SamplingParams) -> dict[str, Any]:
+        out: dict[str, Any] = {"seed": s.seed}
+        for name, default in DEFAULT_SAMPLING.items():
+            value = getattr(s, name)
+            if value is None:
+                value = getattr(self.spec.sampling, name)
+            out[name] = default if value is None else value
+        return out
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        _, thread = self._require()
+        prepared = await thread.call(self._prepare, request)
+        async with aclosing(thread.stream(partial(self._produce, prepared))) as events:
+            async for event in events:
+                yield event
+
+    def _produce(self, prep: _Prepared, emit: Emit, cancelled: threading.Event) -> None:
+        if self._live() is not prep.model:
+            raise EngineNotLoadedError(f"model {self.model_id!r} was reloaded")
+        llm, decoder = prep.model.llm, prep.model.decoder
+        sampler = make_sampler(llm, prep.sampling)
+        stats = DraftStats()
+        lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
+        try:
+            cached = decoder.prefill(prep.tokens)
+            pipeline = OutputPipeline(prep.stops, prep.reasoning, prep.tool_format, prep.text)
+            utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # pieces may split a character
+            reason: FinishReason = "length"
+            count = 0
+            tokens = decoder.tokens(
+                sampler, prep.tokens, prep.budget, lookup, prep.logprobs, prep.top_logprobs, stats
+            )
+            try:
+                for token, logprobs in tokens:
+                    count += 1
+                    self.generated_tokens += 1
+                    if decoder.is_eog(token):
+                        reason = "stop"
+                        break
+                    for event in pipeline.feed(utf8.decode(decoder.piece(token)), logprobs):
+                        emit(event)
+                    if pipeline.stopped:
+                        reason = "stop"
+                        break
+                    if cancelled.is_set():
+                        return
+            finally:
+                tokens.close()
+            # An incomplete character at the very end (max_tokens hit mid-sequence) is dropped.
+            for event in pipeline.flush():
+                emit(event)
+            if reason == "stop" and pipeline.tool_calls:
+                reason = "tool_calls"
+            usage = Usage(len(prep.tokens), count, cached, stats.drafted, stats.accepted)
+            emit(Finished(reason, usage, stop_sequence=pipeline.matched_stop))
+        except BaseException:
+            forget_cache(llm)  # a failed decode leaves the KV cache in an unknown state
+            raise
+        finally:
+            sampler.close()
+
+    # ---- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        _, thread = self._require()
+        if not self.spec.embedding:
+            raise UnsupportedRequestError(
+                f"model {self.model_id!r} is not an embedding model (set embedding = true in its profile)"
+            )
+        return await thread.call(self._embed_sync, list(texts))
+
+    def _embed_sync(self, texts: list[str]) -> list[list[float]]:
+        llm = self._live().llm
+        for text in texts:
+            n = len(llm.tokenize(text.encode("utf-8"), add_bos=True))  # as Llama.embed tokenizes
+            if n == 0:
+                raise UnsupportedRequestError("cannot embed an empty string")
+            if n > llm.n_batch:
+                raise ContextOverflowError(n, llm.n_batch)
+        if not texts:
+            return []
+        out = []
+        for vec in llm.embed(texts, normalize=False, truncate=False):
+            arr = np.asarray(vec, dtype=np.float64)
+            if arr.ndim == 2:  # a model whose pooling type is NONE: per-token vectors, mean-pool them
+                arr = arr.mean(axis=0)
+            norm = float(np.linalg.norm(arr))
+            out.append((arr / norm if norm > 0 else arr).tolist())
+        return out
+
+
+async def _discard(thread: EngineThread, job: asyncio.Future[_Model]) -> None:
+    """Free a model whose load() was cancelled, once the load has finished, and its thread."""
+    try:
+        model = await job
+    except BaseException:
+        model = None
+    if model is not None:
+        await thread.call(model.llm.close)
+    await asyncio.to_thread(thread.close)

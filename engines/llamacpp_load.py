@@ -1,0 +1,336 @@
+"""Loading GGUF files into llama-cpp-python safely, and the settings the profile asks for.
+
+A crash inside the native loader would take the whole daemon down, so every file is checked in
+pure Python first (`read_gguf_header`): magic, version, metadata, tensor table and that every
+tensor's data lies inside the file. llama.cpp's own failures (e.g. an unknown architecture) raise
+a plain ValueError from `Llama(...)`; they become ModelLoadError with llama.cpp's last error line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import re
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import llama_cpp
+
+from mlx_serve.profiles.schema import ModelSpec
+
+from .errors import ModelLoadError
+
+log = logging.getLogger("mlx_serve.engines.llama_cpp")
+
+DEFAULT_MAX_CONTEXT = 8192  # n_ctx when the profile sets none: min(trained context, this)
+_MAX_TENSORS = 1 << 20
+_MAX_KV = 1 << 20
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# Bytes per element of the KV cache by profile kv bits: f16, Q8_0 (34 B / 32), Q4_0 (18 B / 32).
+KV_TYPES: dict[int | None, tuple[int, float]] = {
+    None: (llama_cpp.GGML_TYPE_F16, 2.0),
+    8: (llama_cpp.GGML_TYPE_Q8_0, 34 / 32),
+    4: (llama_cpp.GGML_TYPE_Q4_0, 18 / 32),
+}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+_KEEP_ARRAYS = {"tokenizer.ggml.tokens"}  # string arrays worth decoding (FIM detection)
+
+
+class GGUFFormatError(ValueError):
+    pass
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    file_size: int
+    metadata: dict[str, Any]
+    tensor_count: int
+    parameter_count: int
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def quantization(self) -> str | None:
+        file_type = self.metadata.get("general.file_type")
+        try:
+            return (
+                gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+            )
+        except ValueError:
+            return None
+
+
+class _Cursor:
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise GGUFFormatError("file ends inside the header (truncated?)")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if n > len(self.data) - self.pos:
+            raise GGUFFormatError("a header string runs past the end of the file (truncated?)")
+        raw = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        n = self.take("<Q")
+        if n > len(self.data) - self.pos:
+            raise GGUFFormatError("a header string runs past the end of the file (truncated?)")
+        self.pos += n
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype != _ARRAY:
+            raise GGUFFormatError(f"metadata {key!r} has unknown value type {vtype}")
+        etype, count = self.take("<I"), self.take("<Q")
+        if etype in _SCALARS:
+            size = struct.calcsize(_SCALARS[etype]) * count
+            if size > len(self.data) - self.pos:
+                raise GGUFFormatError(f"metadata array {key!r} runs past the end of the file (truncated?)")
+            self.pos += size
+            return None  # numeric arrays (scores, token types) are not needed here
+        if etype != _STRING:
+            raise GGUFFormatError(f"metadata array {key!r} has unsupported element type {etype}")
+        if count * 8 > len(self.data) - self.pos:
+            raise GGUFFormatError(f"metadata array {key!r} runs past the end of the file (truncated?)")
+        if key in _KEEP_ARRAYS:
+            return [self.string() for _ in range(count)]
+        for _ in range(count):
+            self.skip_string()
+        return None
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse and sanity-check a GGUF file's header and tensor table (no tensor data is read)."""
+    file_size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+        if len(head) < 24:
+            raise GGUFFormatError(f"file is only {file_size} bytes; not a GGUF file")
+        if head[:4] != b"GGUF":
+            raise GGUFFormatError(f"bad magic {head[:4]!r}; not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+        if version not in (2, 3):
+            raise GGUFFormatError(f"unsupported GGUF version {version} (big-endian or too old/new?)")
+        if n_tensors > _MAX_TENSORS or n_kv > _MAX_KV:
+            raise GGUFFormatError(f"implausible header: {n_tensors} tensors, {n_kv} metadata keys")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(data, version, n_tensors, n_kv, file_size)
+
+
+def _parse(data: mmap.mmap, version: int, n_tensors: int, n_kv: int, file_size: int) -> GGUFHeader:
+    cur = _Cursor(data)
+    cur.pos = 24
+    metadata: dict[str, Any] = {}
+    tokens: list[str] = []
+    for _ in range(n_kv):
+        key = cur.string()
+        value = cur.value(cur.take("<I"), key)
+        if key in _KEEP_ARRAYS:
+            tokens = value or []
+        elif value is not None:
+            metadata[key] = value
+    if "general.architecture" not in metadata:
+        raise GGUFFormatError("metadata has no general.architecture")
+    tensors = []
+    params = 0
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.take("<I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [cur.take("<Q") for _ in range(n_dims)]
+        ttype, offset = cur.take("<I"), cur.take("<Q")
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise GGUFFormatError(f"tensor {name!r} has unknown type {ttype}") from None
+        count = 1
+        for d in dims:
+            if d == 0 or d > 1 << 40:
+                raise GGUFFormatError(f"tensor {name!r} has an implausible shape {dims}")
+            count *= d
+        if dims[0] % block:
+            raise GGUFFormatError(
+                f"tensor {name!r} row of {dims[0]} is not a multiple of its block size {block}"
+            )
+        params += count
+        tensors.append((name, offset, count // block * type_size))
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"bad general.alignment {alignment!r}")
+    data_start = -(-cur.pos // alignment) * alignment
+    for name, offset, nbytes in tensors:
+        if offset % alignment or data_start + offset + nbytes > file_size:
+            raise GGUFFormatError(
+                f"tensor {name!r} data lies outside the file ({file_size} bytes): truncated or corrupt"
+            )
+    return GGUFHeader(version, file_size, metadata, n_tensors, params, tokens)
+
+
+def physical_cores() -> int:
+    """Physical (performance) cores: llama.cpp's defaults are wrong on small machines (DESIGN §4)."""
+    if sys.platform == "darwin":
+        for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
+            try:
+                out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=2)
+                if out.returncode == 0 and out.stdout.strip().isdigit():
+                    return max(1, int(out.stdout.strip()))
+            except (OSError, subprocess.SubprocessError):
+                pass
+    try:
+        cpus = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in cpus:
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(
+                ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+            )
+        return max(1, len(cores))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def context_length(spec: ModelSpec, header: GGUFHeader) -> int:
+    """The profile's context_length, else the trained context capped at DEFAULT_MAX_CONTEXT."""
+    trained = header.arch_value("context_length")
+    trained = trained if isinstance(trained, int) and trained > 0 else None
+    if spec.context_length:
+        if trained and spec.context_length > trained:
+            log.warning("context_length %d exceeds the trained context %d", spec.context_length, trained)
+        return spec.context_length
+    return min(trained or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+
+
+def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_bits: int | None) -> int:
+    """n_ctx * n_layer * (K + V width) * bytes per element."""
+    n_layer = header.arch_value("block_count", 0) or 0
+    n_embd = header.arch_value("embedding_length", 0) or 0
+    n_head = header.arch_value("attention.head_count", 0) or 0
+    n_head_kv = header.arch_value("attention.head_count_kv", n_head) or n_head
+    if not isinstance(n_head, int) or not isinstance(n_head_kv, int) or not n_head:
+        return 0  # per-layer head counts (arrays) or unusual architectures: no estimate
+    k_len = header.arch_value("attention.key_length", n_embd // n_head)
+    v_len = header.arch_value("attention.value_length", n_embd // n_head)
+    return int(n_ctx * n_layer * n_head_kv * (k_len + v_len) * KV_TYPES[kv_bits][1])
+
+
+def llama_kwargs(spec: ModelSpec, header: GGUFHeader) -> dict[str, Any]:
+    threads = spec.threads or physical_cores()
+    kv_bits = spec.kv_cache.bits if spec.kv_cache else None
+    kwargs: dict[str, Any] = {
+        "n_ctx": context_length(spec, header),
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "n_gpu_layers": spec.n_gpu_layers,
+        # llama.cpp refuses a quantized V cache without flash attention, so kv bits turn it on.
+        "flash_attn": spec.flash_attn or kv_bits is not None,
+        "embedding": spec.embedding,
+        "verbose": False,
+    }
+    if kv_bits is not None:
+        kwargs["type_k"] = kwargs["type_v"] = KV_TYPES[kv_bits][0]
+    if spec.embedding:  # a whole input must fit one batch: embeddings are never truncated
+        kwargs["n_batch"] = kwargs["n_ubatch"] = kwargs["n_ctx"]
+    if spec.embedding and header.arch_value("pooling_type") is None:
+        kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN  # causal LMs carry no pooling type
+    return kwargs
+
+
+# llama.cpp's log goes through this callback: debug logging, plus the recent warnings and errors,
+# which name the reason when a load fails (the Python wrapper only says "Failed to load model").
+_WARN, _ERROR = 3, 4  # ggml_log_level (ggml.h): 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT
+# Per thread: each engine loads on its own thread, so concurrent loads keep their reasons apart.
+_state = threading.local()
+
+
+def _recent() -> deque[tuple[int, str]]:
+    if not hasattr(_state, "recent"):
+        _state.recent, _state.partial, _state.level = deque(maxlen=32), [], 0
+    return _state.recent
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    recent = _recent()
+    if level != 5:  # CONT continues the previous message
+        _state.level = level
+    _state.partial.append(text.decode("utf-8", errors="replace"))
+    if not _state.partial[-1].endswith("\n"):
+        return
+    line = "".join(_state.partial).strip()
+    _state.partial.clear()
+    if _state.level in (_WARN, _ERROR) and line:
+        recent.append((_state.level, line))
+    log.debug("llama.cpp: %s", line)
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def _llama_reason(default: str) -> str:
+    """The first error llama.cpp logged (the root cause), else its last warning, else `default`."""
+    errors = [line for level, line in _recent() if level == _ERROR]
+    warnings = [line for level, line in _recent() if level == _WARN]
+    line = errors[0] if errors else warnings[-1] if warnings else default
+    return line.split(": ", 1)[1] if re.match(r"^\w+: ", line) else line
+
+
+def load_llama(model_id: str, path: Path, spec: ModelSpec) -> tuple[llama_cpp.Llama, GGUFHeader]:
+    """Validate the file, then load it; every failure is a ModelLoadError naming the model."""
+    try:
+        header = read_gguf_header(path)
+    except GGUFFormatError as exc:
+        raise ModelLoadError(model_id, f"{path.name}: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(model_id, f"cannot read {path.name}: {exc.strerror or exc}") from None
+    kwargs = llama_kwargs(spec, header)
+    _recent().clear()
+    try:
+        llm = llama_cpp.Llama(str(path), **kwargs)
+    except (ValueError, RuntimeError, OSError) as exc:
+        reason = _llama_reason(str(exc))
+        raise ModelLoadError(
+            model_id, f"llama.cpp could not load {path.name} (architecture {header.architecture!r}): {reason}"
+        ) from None
+    return llm, header
