@@ -102,8 +102,9 @@ class Registry:
     # ---- leases ----------------------------------------------------------------------------
     @asynccontextmanager
     async def lease(self, name: str, keep_alive: float | None | str = "default") -> AsyncIterator[Lease]:
-        """Hold a model for one request. keep_alive (seconds, None = forever) overrides the TTL
-        from this request on, Ollama-style; the default string leaves the profile's ttl."""
+        """Hold a model for one request. keep_alive (seconds, None = forever) sets how long the
+        model stays after this request, Ollama-style; "default" means the profile's ttl. The
+        last request to finish decides."""
         if self._closing:
             raise ShuttingDownError()
         slot = self._slots[self.resolve(name)]
@@ -125,14 +126,13 @@ class Registry:
             raise
         slot.waiting -= 1
         slot.active += 1
-        if keep_alive != "default":
-            slot.keep_alive = keep_alive  # type: ignore[assignment]
         now = time.monotonic()
         try:
             yield Lease(slot.model_id, engine, slot.spec, now - loaded_at, loaded_at - started)
         finally:
             slot.semaphore.release()
             slot.active -= 1
+            slot.keep_alive = keep_alive
             slot.last_used = time.monotonic()
             self._after_release(slot)
 
