@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 
@@ -13,6 +14,8 @@ from mlx_serve.apis.context import GENERATION_OBSERVERS, REGISTRY, RESPONSE_STOR
 from mlx_serve.apis.errors import ErrorInfo, classify, dialect_for_path, error_response
 
 from . import __version__
+from .auth import auth_middleware, setup_auth
+from .hardening import hardening_middleware, setup_hardening
 from .metrics import Metrics, endpoint_of, status_class
 from .registry import Registry
 from .state import DaemonState
@@ -99,6 +102,7 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "version": __version__,
+            "pid": os.getpid(),
             "uptime_seconds": round(time.time() - state.started_at, 3),
             "profile": state.profile_report(),
         }
@@ -127,7 +131,15 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
     profile = state.profile
     limits = profile.server.limits if profile else None
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware, errors_middleware],
+        # Host allow-list and CORS first (a rebinding page gets nothing, not even a 401), then
+        # metrics and error shaping, then API keys, closest to the routes.
+        middlewares=[
+            request_id_middleware,
+            hardening_middleware,
+            metrics_middleware,
+            errors_middleware,
+            auth_middleware,
+        ],
         client_max_size=limits.max_body_bytes if limits else 16 * 1024 * 1024,
     )
     app[STATE] = state
@@ -135,6 +147,8 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
     app[METRICS] = metrics
     app[GENERATION_OBSERVERS] = [metrics.on_generation]
     app[RESPONSE_STORE] = {}
+    setup_hardening(app, state, metrics)
+    setup_auth(app, state, metrics)  # the key set loads in app startup; /keys/refresh, /keys/status
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     if profile is None or (profile.metrics.enabled and profile.metrics.listen is None):

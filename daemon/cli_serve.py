@@ -25,4 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from mlx_serve.launchd.logrotate import setup_file_logging
+
+    setup_file_logging()  # $MLX_SERVE_HOME/logs/mlx-serve.log, size-rotated
     return run(args.profile, host=args.host, port=args.port)

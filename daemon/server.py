@@ -19,6 +19,7 @@ from mlx_serve.profiles.schema import Profile
 
 from .admin import add_admin_routes
 from .app import create_app, create_metrics_app
+from .auth import VERIFIER, unauthenticated_network_problem
 from .metrics import Metrics
 from .registry import Registry
 from .reloader import Reloader
@@ -40,6 +41,9 @@ def run(profile_path: str | None, *, host: str | None = None, port: int | None =
     server = state.profile.server if state.profile else None
     bind_host = host or (server.host if server else "127.0.0.1")
     bind_port = port if port is not None else (server.port if server else DEFAULT_PORT)
+    if problem := unauthenticated_network_problem(state.profile, bind_host):
+        log.error("cannot start: %s", problem)
+        return 2
     try:
         return asyncio.run(_serve(state, bind_host, bind_port))
     except OSError as exc:  # e.g. the port is taken: a fatal start error, non-zero for the supervisor
@@ -54,11 +58,14 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
     metrics = Metrics(state, registry)
     reloader.listeners.append(metrics.record_reload)
     app = create_app(state, registry, metrics)
+    reloader.listeners.append(app[VERIFIER].on_reload)  # a reload may change [auth]: re-read the keys
     add_admin_routes(app, state, reloader)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that goes away stops its generation (DESIGN §4)
-        shutdown_timeout=profile.server.drain_timeout,
+        # aiohttp waits up to shutdown_timeout twice (handlers, then connections): halve it so the
+        # whole drain stays within drain_timeout, which launchd's ExitTimeOut is sized against.
+        shutdown_timeout=profile.server.drain_timeout / 2,
         keepalive_timeout=profile.server.limits.idle_timeout,
         max_field_size=profile.server.limits.max_header_bytes,
         max_line_size=profile.server.limits.max_header_bytes,

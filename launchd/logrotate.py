@@ -114,17 +114,23 @@ def stderr_is_service_log(log_dir: Path) -> bool:
 
 def setup_file_logging(
     log_dir: Path | str | None = None, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS
-) -> DaemonLogHandler:
+) -> DaemonLogHandler | None:
     """Add the rotating mlx-serve.log handler to the root logger (idempotent) and rotate the
-    supervisor's stdout/stderr files if they are too big. Call after logging.basicConfig()."""
+    supervisor's stdout/stderr files if they are too big. Call after logging.basicConfig().
+    An unwritable log directory is reported and the daemon keeps logging to stderr only."""
     directory = Path(log_dir) if log_dir is not None else default_log_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("mlx_serve.logs")
     root = logging.getLogger()
     for existing in root.handlers:
         if isinstance(existing, DaemonLogHandler) and existing.log_dir == directory:
             return existing
-    rotated = rotate_std_files(directory, max_bytes, backups)
-    handler = DaemonLogHandler(directory, max_bytes, backups)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        rotated = rotate_std_files(directory, max_bytes, backups)
+        handler = DaemonLogHandler(directory, max_bytes, backups)
+    except OSError as exc:
+        log.warning("cannot log to %s (%s); logging to stderr only", directory, exc)
+        return None
     formatter = next((h.formatter for h in root.handlers if h.formatter), None)
     handler.setFormatter(formatter or logging.Formatter(DEFAULT_FORMAT))
     root.addHandler(handler)
@@ -132,7 +138,6 @@ def setup_file_logging(
         for other in root.handlers:
             if isinstance(other, logging.StreamHandler) and getattr(other, "stream", None) is sys.stderr:
                 other.setLevel(max(other.level, logging.WARNING))
-    log = logging.getLogger("mlx_serve.logs")
     for path in rotated:
         log.info("rotated %s (over %d bytes)", path, max_bytes)
     log.info("logging to %s", directory / LOG_NAME)
