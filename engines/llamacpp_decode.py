@@ -18,6 +18,7 @@ from llama_cpp._internals import LlamaSampler
 
 from mlx_serve.profiles.schema import PromptLookup
 
+from .constrained import JsonConstraint
 from .types import TokenLogprob
 
 PENALTY_LAST_N = 64
@@ -65,12 +66,14 @@ class Decoder:
         logprobs: bool = False,
         top_logprobs: int = 0,
         stats: DraftStats | None = None,
+        constraint: JsonConstraint | None = None,
     ) -> Iterator[tuple[int, tuple[TokenLogprob, ...]]]:
         """Up to `budget` sampled tokens with their logprobs, after prefill(prompt).
 
         With `lookup`, drafts from prompt + output are decoded in one batch and each position is
         sampled in turn; the first sample that differs from the draft ends the run and the rest of
         the draft is dropped from the cache, so the output is what plain decoding would give.
+        A `constraint` masks each position's logits to its grammar before sampling.
         """
         llm, stats = self.llm, stats or DraftStats()
         history = np.empty(len(prompt) + budget, dtype=np.intc)
@@ -79,7 +82,11 @@ class Decoder:
         while True:
             for i in range(len(draft) + 1):
                 idx = i if draft else -1  # batch index of the logits that predict this token
+                if constraint is not None:
+                    constraint.mask_llama_logits(llm, idx)
                 token = sampler.sample(llm._ctx, idx)
+                if constraint is not None:
+                    constraint.accept(token)
                 history[size] = token
                 size, produced = size + 1, produced + 1
                 yield token, (self._logprobs(idx, token, top_logprobs) if logprobs else ())

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlx_serve.profiles.schema import ModelSpec
 
+from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .llamacpp_decode import Decoder, DraftStats, forget_cache, make_sampler
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama
@@ -95,6 +96,7 @@ class _Prepared:
     budget: int  # completion tokens allowed: max_tokens, capped by the room left in the context
     logprobs: bool
     top_logprobs: int
+    constraint: JsonConstraint | None = None  # response_format: masks logits to the JSON grammar
 
 
 class LlamaCppEngine:
@@ -289,6 +291,8 @@ class LlamaCppEngine:
             budget=min(max_tokens, n_ctx - len(tokens)),
             logprobs=s.logprobs or s.top_logprobs > 0,
             top_logprobs=s.top_logprobs,
+            # Built here, before streaming, so a schema the grammar library rejects is a 400.
+            constraint=JsonConstraint.for_llama(model.llm, request.response_format),
         )
 
     def _sampling(self, s: SamplingParams) -> dict[str, Any]:
@@ -323,7 +327,14 @@ class LlamaCppEngine:
             reason: FinishReason = "length"
             count = 0
             tokens = decoder.tokens(
-                sampler, prep.tokens, prep.budget, lookup, prep.logprobs, prep.top_logprobs, stats
+                sampler,
+                prep.tokens,
+                prep.budget,
+                lookup,
+                prep.logprobs,
+                prep.top_logprobs,
+                stats,
+                prep.constraint,
             )
             try:
                 for token, logprobs in tokens:

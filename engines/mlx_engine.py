@@ -27,6 +27,7 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_serve.profiles.schema import ModelSpec
 
+from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
 from .mlx_sampling import resolve_sampling
@@ -265,6 +266,9 @@ class MLXEngine:
         sampling = resolve_sampling(request.sampling, self.spec.sampling, context - len(ids))
         chat = request.messages is not None
         tools = bool(request.tools) and request.tool_choice != "none"
+        constraint = None
+        if request.response_format is not None:  # a bad schema raises here, before streaming (400)
+            constraint = await asyncio.to_thread(_constraint, loaded, request.response_format)
         return DecodePlan(
             prompt_ids=tuple(ids),
             prompt_text=text,
@@ -274,6 +278,7 @@ class MLXEngine:
             tool_format=tool_format_for(self._template, f"{self.model_id} {self.spec.source}", tools)
             if chat
             else None,
+            constraint=constraint,
         )
 
     def _prompt_text(self, loaded: LoadedModel, request: GenerationRequest) -> tuple[str, bool]:
@@ -349,6 +354,11 @@ def _load_mlx(model_id: str, path: Path) -> tuple[Any, Any, dict[str, Any]]:
 
 def _nbytes(model: Any) -> int:
     return int(tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, model, 0))
+
+
+def _constraint(loaded: LoadedModel, response_format: dict[str, Any]) -> JsonConstraint | None:
+    with loaded.tokenizer_lock:  # building the grammar's tokenizer view reads the HF tokenizer
+        return JsonConstraint.for_mlx(loaded.tokenizer, response_format)
 
 
 def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:

@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_serve.profiles.schema import ModelSpec
 
+from .constrained import JsonConstraint
 from .mlx_sampling import ResolvedSampling, token_logprob
 from .postprocess import OutputPipeline
 from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
@@ -68,6 +69,7 @@ class DecodePlan:
     stops: tuple[str, ...] = ()
     reasoning: ReasoningFormat | None = None
     tool_format: ToolFormat | None = None
+    constraint: JsonConstraint | None = None  # response_format: masks logits to the JSON grammar
 
 
 def token_stream(
@@ -83,7 +85,8 @@ def token_stream(
     common: dict[str, Any] = {
         "max_tokens": s.max_tokens,
         "sampler": s.sampler(),
-        "logits_processors": s.logits_processors(),
+        # The JSON constraint goes last: it must see the logits every other processor produced.
+        "logits_processors": s.logits_processors() + ([plan.constraint] if plan.constraint else []),
         **quant,
     }
     speculative = spec.speculative
