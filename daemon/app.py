@@ -81,12 +81,24 @@ async def metrics_middleware(request: web.Request, handler):
         return response
     finally:
         metrics = request.app[METRICS]
-        dialect = dialect_for_path(request.path, _prefix(request))
         endpoint = endpoint_of(request)
+        dialect = _metrics_dialect(request, endpoint)
         # A handler cancelled by a client disconnect has no response: count it as 499 (nginx's "client closed").
         status = response.status if response is not None else 499
         metrics.requests.labels(dialect, endpoint, status_class(status)).inc()
         metrics.request_duration.labels(dialect, endpoint).observe(time.monotonic() - started)
+
+
+_DAEMON_ROUTES = ("/health", "/ready", "/status", "/reload", "/keys/", "/metrics")
+
+
+def _metrics_dialect(request: web.Request, endpoint: str) -> str:
+    """The dialect label; the daemon's own endpoints (and scrapes) are "daemon", not OpenAI traffic."""
+    profile = request.app[STATE].profile
+    metrics_path = profile.metrics.path if profile else "/metrics"
+    if endpoint == metrics_path or endpoint.startswith(_DAEMON_ROUTES):
+        return "daemon"
+    return dialect_for_path(request.path, _prefix(request))
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

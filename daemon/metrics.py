@@ -13,6 +13,7 @@ import platform
 import time
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
+from typing import get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -28,6 +29,8 @@ from prometheus_client.registry import Collector
 
 from mlx_serve.apis.generation import GenerationStats
 from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.progress import DownloadEvent, add_progress_listener
+from mlx_serve.engines.types import FinishReason
 
 from . import __version__
 from .registry import Registry
@@ -39,6 +42,23 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# Bounded label values. Unload reasons come from the registry and the dialects ("keep_alive 0" is
+# Ollama's manual unload); anything unexpected is "other" rather than a new free-form label value.
+UNLOAD_REASONS = ("ttl", "pressure", "reload", "removed", "manual", "shutdown")
+_UNLOAD_ALIASES = {"keep_alive 0": "manual"}
+# Auth failure reasons (daemon/auth.py's AuthFailure reasons and daemon/hardening.py's refusals)
+# are exported at 0 from the start, so dashboards and alerts see the series before the first one.
+AUTH_FAILURE_REASONS = (
+    "missing",
+    "invalid",
+    "expired",
+    "scope",
+    "rate_limited",
+    "keyring_unavailable",
+    "host",
+    "origin",
+)
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
 
 def _package_version(name: str) -> str:
@@ -131,6 +151,10 @@ class Metrics:
         self.rate_limited = Counter(
             "mlx_serve_rate_limited", "Requests refused by a key's rate limit", registry=r
         )
+        self.download_bytes = Counter(
+            "mlx_serve_download_bytes", "Bytes downloaded for model sources", ["model"], registry=r
+        )
+        self.downloads = Gauge("mlx_serve_downloads_in_progress", "Model downloads running", registry=r)
         build = Gauge(
             "mlx_serve_build_info",
             "Versions",
@@ -143,10 +167,33 @@ class Metrics:
         ).set(1)  # fmt: skip
         for result in ("success", "failure", "unchanged"):
             self.reloads.labels(result)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
         r.register(_StateCollector(state, registry))
         self._state = state
+        self._registry = registry
+        self.init_model_series()
         self.record_reload("success" if state.last_reload.successful else "failure", count=False)
         registry.listeners.append(self.on_model_event)
+        add_progress_listener(self.on_download)  # held weakly: a discarded Metrics unsubscribes itself
+
+    def init_model_series(self) -> None:
+        """Export every profile model's counters at 0 before its first event. A counter born at 1
+        hides that first event from rate()/increase() (Prometheus never saw the 0), so a one-off
+        eviction or load failure would never show on the dashboard or trip an alert. Bounded:
+        profile models times fixed reason sets; called at start and after each applied reload."""
+        for slot in self._registry.slots():
+            model = slot.model_id
+            for counter in (
+                self.prompt_tokens, self.cached_tokens, self.generation_tokens,
+                self.drafted, self.accepted, self.load_failures,
+            ):  # fmt: skip
+                counter.labels(model)
+            self.loads.labels(model, engine_kind(slot.spec))
+            for reason in FINISH_REASONS:
+                self.finish.labels(model, reason)
+            for reason in UNLOAD_REASONS:
+                self.unloads.labels(model, reason)
 
     # ---- observers ------------------------------------------------------------------------
     def on_generation(self, stats: GenerationStats) -> None:
@@ -179,11 +226,21 @@ class Metrics:
         elif event == "load_failed":
             self.load_failures.labels(slot.model_id).inc()
         elif event == "unload":
-            self.unloads.labels(slot.model_id, reason).inc()
+            self.unloads.labels(slot.model_id, unload_reason(reason)).inc()
+
+    def on_download(self, event: DownloadEvent) -> None:  # called on the downloading thread
+        if event.kind == "start":
+            self.downloads.inc()
+        elif event.kind in ("done", "failed"):
+            self.downloads.dec()
+        elif event.delta > 0:
+            self.download_bytes.labels(event.model_id).inc(event.delta)
 
     def record_reload(self, result: str, count: bool = True) -> None:
         if count:
             self.reloads.labels(result).inc()
+        if result == "success":
+            self.init_model_series()  # models added by the reload
         if result != "unchanged" or count:
             self.reload_ok.set(1 if self._state.last_reload.successful else 0)
             self.reload_time.set(self._state.last_reload.timestamp)
@@ -261,6 +318,11 @@ def _mlx_memory() -> Iterable[GaugeMetricFamily]:
         if fn is not None:
             family.add_metric([kind], fn())
     yield family
+
+
+def unload_reason(reason: str) -> str:
+    reason = _UNLOAD_ALIASES.get(reason, reason)
+    return reason if reason in UNLOAD_REASONS else "other"
 
 
 def status_class(status: int) -> str:

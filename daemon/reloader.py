@@ -33,6 +33,8 @@ class _DirectoryHandler(FileSystemEventHandler):
         self._notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):  # our own reads: not a change
+            return
         paths = [event.src_path, getattr(event, "dest_path", "")]
         if any(Path(str(p)).name == self._name for p in paths if p):
             self._notify()
