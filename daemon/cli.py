@@ -11,6 +11,7 @@ from .cli_admin import add_admin_commands
 from .cli_config import add_config_commands
 from .cli_doctor import add_doctor_command
 from .cli_keys import add_keys_commands
+from .cli_models import add_models_commands
 from .cli_monitoring import add_monitoring_commands
 from .cli_serve import add_serve_command
 from .cli_service import add_service_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_doctor_command(commands)
     add_keys_commands(commands)
     add_monitoring_commands(commands)
+    add_models_commands(commands)
     return parser
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from mlx_serve.engines.base import Engine
 from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources import resolve_source
 from mlx_serve.profiles.diff import ReloadPlan, diff
 from mlx_serve.profiles.schema import ModelSpec, Profile
 from mlx_serve.profiles.units import parse_size
@@ -55,6 +56,7 @@ class Registry:
         profile: Profile,
         engine_factory: EngineFactory | None = None,
         estimator: Callable[[str, ModelSpec], int] = estimate_bytes,
+        fetcher: Callable[[str, ModelSpec], object] = resolve_source,
     ) -> None:
         if engine_factory is None:
             from mlx_serve.engines.factory import create_engine
@@ -62,6 +64,7 @@ class Registry:
             engine_factory = create_engine
         self._factory = engine_factory
         self._estimate = estimator  # bytes a model will need, before it is loaded
+        self._fetch = fetcher  # puts a model's files on disk (downloads hub repos)
         self._profile = profile
         self._slots: dict[str, Slot] = {mid: Slot(mid, spec) for mid, spec in profile.models.items()}
         self._memory_lock = asyncio.Lock()
@@ -162,6 +165,8 @@ class Registry:
     async def _load(self, slot: Slot) -> Engine:
         started = time.monotonic()
         try:
+            # Download first, outside the memory lock: a long download must not hold up other loads.
+            await asyncio.to_thread(self._fetch, slot.model_id, slot.spec)
             async with self._memory_lock:
                 await self._make_room(slot)
                 engine = self._factory(slot.model_id, slot.spec, self._profile.models)

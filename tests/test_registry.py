@@ -51,7 +51,12 @@ def size_of(spec) -> int:
 def registry(text: str) -> Registry:
     FakeEngine.loads = []
     profile = parse_profile(text, "t.toml", apply_env=False).profile
-    return Registry(profile, engine_factory=FakeEngine, estimator=lambda mid, spec: size_of(spec))
+    return Registry(
+        profile,
+        engine_factory=FakeEngine,
+        estimator=lambda mid, spec: size_of(spec),
+        fetcher=lambda mid, spec: None,
+    )
 
 
 def model(mid: str, gib: int, **extra: str) -> str:
