@@ -126,5 +126,5 @@ class Reloader:
         self._state.set_profile(loaded, summary=plan.summary())
         log.info("profile reloaded in %.0f ms: %s", (time.monotonic() - started) * 1000, plan.summary())
         if "server" in plan.sections:
-            log.warning("server settings changed; host/port changes take effect after a restart")
+            log.info("server settings changed: the listener follows host/port; limits apply after a restart")
         return "success"

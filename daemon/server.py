@@ -20,6 +20,7 @@ from mlx_serve.profiles.schema import Profile
 from .admin import add_admin_routes
 from .app import create_app, create_metrics_app
 from .auth import VERIFIER, unauthenticated_network_problem
+from .listener import Address, Listener
 from .metrics import Metrics
 from .registry import Registry
 from .reloader import Reloader
@@ -39,19 +40,22 @@ def run(profile_path: str | None, *, host: str | None = None, port: int | None =
             log.error("profile: %s", problem)
         log.error("starting without models; fix the profile and it is applied automatically")
     server = state.profile.server if state.profile else None
-    bind_host = host or (server.host if server else "127.0.0.1")
-    bind_port = port if port is not None else (server.port if server else DEFAULT_PORT)
-    if problem := unauthenticated_network_problem(state.profile, bind_host):
+    address = Address(
+        host or (server.host if server else "127.0.0.1"),
+        port if port is not None else (server.port if server else DEFAULT_PORT),
+        server.unix_socket if server else None,
+    )
+    if problem := unauthenticated_network_problem(state.profile, address.host):
         log.error("cannot start: %s", problem)
         return 2
     try:
-        return asyncio.run(_serve(state, bind_host, bind_port))
+        return asyncio.run(_serve(state, address, pinned=host is not None or port is not None))
     except OSError as exc:  # e.g. the port is taken: a fatal start error, non-zero for the supervisor
         log.error("cannot start: %s", exc)
         return 1
 
 
-async def _serve(state: DaemonState, host: str, port: int) -> int:
+async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     profile = state.profile or Profile()
     registry = Registry(profile)
     reloader = Reloader(state, registry)
@@ -72,12 +76,11 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    listener = Listener(runner, address, pinned)
+    await listener.start()
+    reloader.listeners.append(lambda result: _follow_address(state, listener, result))
     metrics_runner = await _start_metrics_listener(profile, metrics)
-    log.info(
-        "mlx-serve %d listening on http://%s:%d (profile: %s)", os.getpid(), host, port, state.profile_label
-    )
+    log.info("mlx-serve %d listening on %s (profile: %s)", os.getpid(), address, state.profile_label)
     registry.preload()
     reloader.start()
 
@@ -104,6 +107,16 @@ async def _serve(state: DaemonState, host: str, port: int) -> int:
     await registry.shutdown()
     log.info("stopped")
     return 0
+
+
+def _follow_address(state: DaemonState, listener: Listener, result: str) -> None:
+    """After a successful reload, move the listener if [server] host/port/unix_socket changed."""
+    if result != "success" or state.profile is None:
+        return
+    server = state.profile.server
+    wanted = Address(server.host, server.port, server.unix_socket)
+    if wanted != listener.address and not listener.pinned:
+        asyncio.get_running_loop().create_task(listener.move_to(wanted))
 
 
 async def _start_metrics_listener(profile: Profile, metrics: Metrics) -> web.AppRunner | None:

@@ -53,10 +53,18 @@ def profile_text(models: dict[str, dict[str, Any]], **sections: dict[str, Any]) 
 
 
 class Daemon:
-    def __init__(self, profile: Path, home: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        profile: Path,
+        home: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        port_from_profile: bool = False,
+    ) -> None:
         self.profile = profile
         self.home = home
         self.port = port or free_port()
+        self.port_from_profile = port_from_profile  # no --port: the profile's [server] port applies
         self.log_path = home / "daemon.log"
         self.env = {**os.environ, "MLX_SERVE_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -68,7 +76,9 @@ class Daemon:
     def start(self, timeout: float = 60.0, wait_ready: bool = False) -> Daemon:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "mlx_serve.daemon", "serve", "--profile", str(self.profile), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "mlx_serve.daemon", "serve", "--profile", str(self.profile)]
+        if not self.port_from_profile:
+            cmd += ["--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         deadline = time.monotonic() + timeout

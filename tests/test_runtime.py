@@ -48,7 +48,13 @@ def complete(daemon, model: str, max_tokens: int = 32, **extra) -> httpx.Respons
 
 def stream_text(daemon, model: str, max_tokens: int, on_first=None) -> tuple[str, str | None]:
     """Stream a completion; returns (text, finish_reason). on_first() runs after the first chunk."""
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     text, finish, first = [], None, True
     with httpx.stream("POST", f"{daemon.url}/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200, resp.read()
@@ -92,7 +98,9 @@ def test_invalid_edit_keeps_serving_the_old_profile(start_daemon, tiny_gguf) -> 
     assert complete(daemon, "a").status_code == 200  # still serving, model untouched
     assert httpx.get(f"{daemon.url}/ready").status_code == 200
     status = subprocess.run(
-        [sys.executable, "-m", "mlx_serve.daemon", "status", "--url", daemon.url], capture_output=True, text=True
+        [sys.executable, "-m", "mlx_serve.daemon", "status", "--url", daemon.url],
+        capture_output=True,
+        text=True,
     )
     assert status.returncode == 1 and "models.a.ttl" in status.stdout
     daemon.profile.write_text(profile_text({"a": tiny(tiny_gguf, ttl="1h")}))
@@ -133,7 +141,9 @@ def _delete_recreate(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-@pytest.mark.parametrize("save", [_in_place, _truncate_then_write, _vim_rename, _delete_recreate], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "save", [_in_place, _truncate_then_write, _vim_rename, _delete_recreate], ids=lambda f: f.__name__[1:]
+)
 def test_every_editor_save_style_is_applied(start_daemon, tiny_gguf, save) -> None:
     daemon = start_daemon({"a": tiny(tiny_gguf, aliases=["first"])})
     stop = threading.Event()
@@ -181,13 +191,39 @@ def test_reload_during_stream_leaves_unchanged_model_byte_identical(start_daemon
     assert loaded_count(daemon, "a") == 1
 
 
+def test_port_change_moves_the_listener_without_dropping_a_stream(tmp_path, tiny_gguf) -> None:
+    from mlx_serve_test_harness import Daemon, free_port
+
+    old_port, new_port = free_port(), free_port()
+    profile = tmp_path / "config.toml"
+    profile.write_text(profile_text({"a": tiny(tiny_gguf)}, server={"port": old_port}))
+    daemon = Daemon(profile, tmp_path / "home", port=old_port, port_from_profile=True).start()
+    try:
+        reference, _ = stream_text(daemon, "a", max_tokens=300)
+
+        def move() -> None:
+            profile.write_text(profile_text({"a": tiny(tiny_gguf)}, server={"port": new_port}))
+            wait_for(lambda: "listener moved" in daemon.logs())
+
+        text, finish = stream_text(daemon, "a", max_tokens=300, on_first=move)
+        assert (text, finish) == (reference, "length")  # the stream on the old socket finished intact
+        assert httpx.get(f"http://127.0.0.1:{new_port}/health").status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{old_port}/health")
+    finally:
+        daemon.stop()
+
+
 # ---- registry behaviour on a real engine --------------------------------------------------------
 
 
 def test_concurrent_first_requests_load_once(start_daemon, tiny_gguf) -> None:
     daemon = start_daemon({"a": tiny(tiny_gguf)})
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(complete(daemon, "a", 8).status_code)) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: results.append(complete(daemon, "a", 8).status_code))
+        for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -227,7 +263,9 @@ def test_broken_model_is_marked_failed_and_others_keep_working(start_daemon, tin
 
 def test_sigterm_drains_in_flight_stream_then_exits_zero(start_daemon, tiny_gguf) -> None:
     daemon = start_daemon({"a": tiny(tiny_gguf)})
-    text, finish = stream_text(daemon, "a", max_tokens=1500, on_first=lambda: daemon.proc.send_signal(signal.SIGTERM))
+    text, finish = stream_text(
+        daemon, "a", max_tokens=1500, on_first=lambda: daemon.proc.send_signal(signal.SIGTERM)
+    )
     assert finish == "length" and text
     assert daemon.proc.wait(30) == 0
     assert "draining" in daemon.logs()
@@ -239,7 +277,9 @@ def test_status_ps_reload_cli(start_daemon, tiny_gguf) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "mlx_serve.daemon", *args, "--url", daemon.url], capture_output=True, text=True
+            [sys.executable, "-m", "mlx_serve.daemon", *args, "--url", daemon.url],
+            capture_output=True,
+            text=True,
         )
 
     status = cli("status")
