@@ -24,6 +24,7 @@ from mlx_serve.engines.types import (
     TextDelta,
     TokenLogprob,
     ToolCallEvent,
+    Usage,
 )
 
 from .context import GENERATION_OBSERVERS, REGISTRY
@@ -108,6 +109,14 @@ async def _generate(request, dialect, model, gen, keep_alive, registry) -> Async
             events = lease.engine.generate(gen)
             try:
                 async for event in events:
+                    if registry.drain_expired and not isinstance(event, Finished):
+                        # Shutting down and out of time: end the stream properly instead of cutting it.
+                        stats.finished = Finished(
+                            "length", Usage(0, len(stats.token_times)), "server shutting down"
+                        )
+                        log.info("ending a %s stream for %s: drain time is up", dialect, stats.model_id)
+                        yield stats.finished
+                        return
                     now = time.monotonic()
                     if isinstance(event, TextDelta | ReasoningDelta | ToolCallEvent):
                         if stats.first_token_at is None:

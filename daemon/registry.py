@@ -69,6 +69,7 @@ class Registry:
         self._slots: dict[str, Slot] = {mid: Slot(mid, spec) for mid, spec in profile.models.items()}
         self._memory_lock = asyncio.Lock()
         self._closing = False
+        self.drain_deadline: float | None = None  # monotonic time after which streams are ended
         self._background: set[asyncio.Task] = set()
         self.listeners: list[Listener] = []
 
@@ -300,6 +301,15 @@ class Registry:
     @property
     def in_flight(self) -> int:
         return sum(s.active + s.waiting for s in self._slots.values())
+
+    def begin_drain(self, seconds: float) -> None:
+        """Shutdown started: refuse new leases; running streams end themselves by the deadline."""
+        self._closing = True
+        self.drain_deadline = time.monotonic() + seconds
+
+    @property
+    def drain_expired(self) -> bool:
+        return self.drain_deadline is not None and time.monotonic() >= self.drain_deadline
 
     async def shutdown(self) -> None:
         """Refuse new leases, then unload everything (the server drains requests first)."""

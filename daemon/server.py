@@ -67,9 +67,10 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that goes away stops its generation (DESIGN §4)
-        # aiohttp waits up to shutdown_timeout twice (handlers, then connections): halve it so the
-        # whole drain stays within drain_timeout, which launchd's ExitTimeOut is sized against.
-        shutdown_timeout=profile.server.drain_timeout / 2,
+        # aiohttp waits this long for handlers, then cancels them and waits again; generations end
+        # themselves at 85% of it (registry.begin_drain), so the drain stays within drain_timeout,
+        # which launchd's ExitTimeOut and systemd's TimeoutStopSec are sized against.
+        shutdown_timeout=profile.server.drain_timeout,
         keepalive_timeout=profile.server.limits.idle_timeout,
         max_field_size=profile.server.limits.max_header_bytes,
         max_line_size=profile.server.limits.max_header_bytes,
@@ -101,6 +102,8 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     loop.add_signal_handler(signal.SIGHUP, reloader.request_reload)
     await stop.wait()
     reloader.stop()
+    # Generations still running when 85% of the budget is spent end with a proper final event.
+    registry.begin_drain(profile.server.drain_timeout * 0.85)
     await runner.cleanup()  # stops accepting, waits for in-flight requests up to drain_timeout
     if metrics_runner is not None:
         await metrics_runner.cleanup()

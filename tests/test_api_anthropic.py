@@ -628,7 +628,7 @@ BAD_INPUTS = [
     ),
     ("max_tokens zero", "", {**OK, "max_tokens": 0}, 400, INVALID, "max_tokens"),
     ("max_tokens negative", "", {**OK, "max_tokens": -5}, 400, INVALID, "max_tokens"),
-    ("max_tokens over cap", "", {**OK, "max_tokens": 10**12}, 400, INVALID, "limit of 32768"),
+    ("max_tokens over cap", "", {**OK, "max_tokens": 10**12}, 400, INVALID, "limit of 131072"),
     ("max_tokens string", "", {**OK, "max_tokens": "4"}, 400, INVALID, "max_tokens"),
     ("max_tokens float", "", {**OK, "max_tokens": 4.5}, 400, INVALID, "max_tokens"),
     ("temperature 5", "", {**OK, "temperature": 5}, 400, INVALID, "temperature"),

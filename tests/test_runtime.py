@@ -55,11 +55,13 @@ def stream_text(daemon, model: str, max_tokens: int, on_first=None) -> tuple[str
         "temperature": 0,
         "stream": True,
     }
-    text, finish, first = [], None, True
+    text, finish, first, done = [], None, True, False
     with httpx.stream("POST", f"{daemon.url}/v1/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":
+                done = True
+            if not line.startswith("data: ") or done:
                 continue
             chunk = json.loads(line[6:])
             for choice in chunk["choices"]:
@@ -68,6 +70,7 @@ def stream_text(daemon, model: str, max_tokens: int, on_first=None) -> tuple[str
             if first and on_first:
                 first = False
                 on_first()
+    assert done, "the stream ended without data: [DONE]"
     return "".join(text), finish
 
 
@@ -262,13 +265,24 @@ def test_broken_model_is_marked_failed_and_others_keep_working(start_daemon, tin
 
 
 def test_sigterm_drains_in_flight_stream_then_exits_zero(start_daemon, tiny_gguf) -> None:
-    daemon = start_daemon({"a": tiny(tiny_gguf)})
-    text, finish = stream_text(
-        daemon, "a", max_tokens=1500, on_first=lambda: daemon.proc.send_signal(signal.SIGTERM)
-    )
-    assert finish == "length" and text
+    daemon = start_daemon({"a": tiny(tiny_gguf)}, server={"drain_timeout": 60.0})
+    reference, _ = stream_text(daemon, "a", max_tokens=600)
+    sigterm = lambda: daemon.proc.send_signal(signal.SIGTERM)  # noqa: E731
+    text, finish = stream_text(daemon, "a", max_tokens=600, on_first=sigterm)
+    assert (text, finish) == (reference, "length")  # finished in full, not cut
     assert daemon.proc.wait(30) == 0
     assert "draining" in daemon.logs()
+
+
+def test_stream_longer_than_the_drain_budget_ends_with_a_final_event(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)}, server={"drain_timeout": 2.0})
+    started = time.monotonic()
+    sigterm = lambda: daemon.proc.send_signal(signal.SIGTERM)  # noqa: E731
+    text, finish = stream_text(daemon, "a", max_tokens=100_000, on_first=sigterm)
+    assert finish == "length" and text  # a proper end of stream with [DONE], not a cut connection
+    assert daemon.proc.wait(30) == 0
+    assert time.monotonic() - started < 15
+    assert "drain time is up" in daemon.logs()
 
 
 def test_status_ps_reload_cli(start_daemon, tiny_gguf) -> None:
