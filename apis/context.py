@@ -20,3 +20,7 @@ def registry(request: web.Request) -> Any:
 
 def limits(request: web.Request) -> Any:
     return request.app[REGISTRY].profile.server.limits
+
+
+# The running fill-in-the-middle request per (client, model), so a new one can supersede it.
+FIM_TASKS: web.AppKey[dict] = web.AppKey("fim_tasks", dict)

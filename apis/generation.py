@@ -8,6 +8,7 @@ still become a proper 4xx/5xx.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from mlx_serve.daemon.admission import INTERACTIVE, NORMAL
 from mlx_serve.engines.types import (
     Event,
     Finished,
@@ -27,10 +29,11 @@ from mlx_serve.engines.types import (
     Usage,
 )
 
-from .context import GENERATION_OBSERVERS, REGISTRY
+from .context import FIM_TASKS, GENERATION_OBSERVERS, REGISTRY
 from .errors import RequestError
 
 log = logging.getLogger("mlx_serve.apis")
+INTERACTIVE_MAX_TOKENS = 256
 
 
 @dataclass
@@ -86,9 +89,32 @@ async def open_generation(
     """(resolved model id, event stream). Raises domain errors before anything is streamed."""
     registry = request.app[REGISTRY]
     model_id = registry.resolve(model)
+    if gen.suffix is not None:
+        _supersede_previous_fim(request, model_id)
     stream = _generate(request, dialect, model, gen, keep_alive, registry)
     first = await stream.__anext__()
     return model_id, _chain(first, stream)
+
+
+def priority_of(gen: GenerationRequest) -> int:
+    """Fill-in-the-middle and short requests are interactive: they are admitted first."""
+    short = gen.sampling.max_tokens is not None and gen.sampling.max_tokens <= INTERACTIVE_MAX_TOKENS
+    return INTERACTIVE if gen.suffix is not None or short else NORMAL
+
+
+def _supersede_previous_fim(request: web.Request, model_id: str) -> None:
+    """An editor's new completion makes its previous unfinished one useless: cancel it.
+    "The same client" is the same peer address, User-Agent and model."""
+    tasks = request.app[FIM_TASKS]
+    key = (request.remote or "", request.headers.get("User-Agent", ""), model_id)
+    previous = tasks.get(key)
+    if previous is not None and not previous.done():
+        log.debug("a new fill-in-the-middle request supersedes the previous one for %s", model_id)
+        previous.cancel()
+    current = asyncio.current_task()
+    if current is not None:
+        tasks[key] = current
+        current.add_done_callback(lambda task: tasks.pop(key, None) if tasks.get(key) is task else None)
 
 
 async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -103,7 +129,7 @@ async def _chain(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Even
 async def _generate(request, dialect, model, gen, keep_alive, registry) -> AsyncIterator[Event]:
     stats = GenerationStats(dialect, registry.resolve(model))
     try:
-        async with registry.lease(model, keep_alive) as lease:
+        async with registry.lease(model, keep_alive, priority_of(gen)) as lease:
             stats.queue_wait, stats.load_wait = lease.queue_wait, lease.load_wait
             gen = apply_defaults(gen, lease.spec, registry.profile.server.limits)
             events = lease.engine.generate(gen)

@@ -10,7 +10,7 @@ import uuid
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from mlx_serve.apis.context import GENERATION_OBSERVERS, REGISTRY, RESPONSE_STORE
+from mlx_serve.apis.context import FIM_TASKS, GENERATION_OBSERVERS, REGISTRY, RESPONSE_STORE
 from mlx_serve.apis.errors import ErrorInfo, classify, dialect_for_path, error_response
 
 from . import __version__
@@ -159,6 +159,7 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
     app[METRICS] = metrics
     app[GENERATION_OBSERVERS] = [metrics.on_generation]
     app[RESPONSE_STORE] = {}
+    app[FIM_TASKS] = {}
     setup_hardening(app, state, metrics)
     setup_auth(app, state, metrics)  # the key set loads in app startup; /keys/refresh, /keys/status
     app.router.add_get("/health", health)

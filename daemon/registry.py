@@ -26,6 +26,7 @@ from mlx_serve.profiles.diff import ReloadPlan, diff
 from mlx_serve.profiles.schema import ModelSpec, Profile
 from mlx_serve.profiles.units import parse_size
 
+from .admission import NORMAL
 from .errors import (
     InsufficientMemoryError,
     ModelUnavailableError,
@@ -105,7 +106,9 @@ class Registry:
 
     # ---- leases ----------------------------------------------------------------------------
     @asynccontextmanager
-    async def lease(self, name: str, keep_alive: float | None | str = "default") -> AsyncIterator[Lease]:
+    async def lease(
+        self, name: str, keep_alive: float | None | str = "default", priority: int = NORMAL
+    ) -> AsyncIterator[Lease]:
         """Hold a model for one request. keep_alive (seconds, None = forever) sets how long the
         model stays after this request, Ollama-style; "default" means the profile's ttl. The
         last request to finish decides."""
@@ -123,7 +126,7 @@ class Registry:
                 await slot.ready_after.wait()
             engine = await self._ensure_loaded(slot)
             loaded_at = time.monotonic()
-            await slot.semaphore.acquire()
+            await slot.gate.acquire(priority)
         except BaseException:
             slot.waiting -= 1
             self._after_release(slot)
@@ -134,7 +137,7 @@ class Registry:
         try:
             yield Lease(slot.model_id, engine, slot.spec, now - loaded_at, loaded_at - started)
         finally:
-            slot.semaphore.release()
+            slot.gate.release()
             slot.active -= 1
             slot.keep_alive = keep_alive
             slot.last_used = time.monotonic()

@@ -14,6 +14,8 @@ from mlx_serve.engines.base import Engine
 from mlx_serve.engines.errors import EngineError
 from mlx_serve.profiles.schema import ModelSpec
 
+from .admission import PriorityGate
+
 BACKOFF_SECONDS = (1.0, 5.0, 15.0, 60.0)
 
 
@@ -43,11 +45,11 @@ class Slot:
     ready_after: asyncio.Event | None = None  # set when the previous version finished draining
     expires_at: float | None = None
     _ttl_handle: asyncio.TimerHandle | None = None
-    semaphore: asyncio.Semaphore = field(init=False)
+    gate: PriorityGate = field(init=False)
     idle: asyncio.Event = field(init=False)
 
     def __post_init__(self) -> None:
-        self.semaphore = asyncio.Semaphore(self.spec.max_concurrency)
+        self.gate = PriorityGate(self.spec.max_concurrency)
         self.idle = asyncio.Event()
         self.idle.set()
 

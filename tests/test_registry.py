@@ -238,3 +238,28 @@ async def test_reloaded_model_waits_for_in_flight_requests_of_the_old_version() 
     release.set()
     await asyncio.gather(task, new_task)
     assert order == ["old:hub/m-1", "old done", "new:hub/m-2"]
+
+
+async def test_priority_gate_admits_interactive_first_then_fifo() -> None:
+    from mlx_serve.daemon.admission import INTERACTIVE, NORMAL, PriorityGate
+
+    gate = PriorityGate(1)
+    await gate.acquire()
+    order: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        await gate.acquire(priority)
+        order.append(name)
+        gate.release()
+
+    tasks = [
+        asyncio.create_task(wait(n, p)) for n, p in (("a", NORMAL), ("b", NORMAL), ("gone", INTERACTIVE))
+    ]
+    tasks.append(asyncio.create_task(wait("fim", INTERACTIVE)))
+    await asyncio.sleep(0.01)
+    tasks[2].cancel()  # a waiter that leaves is skipped, its place not lost
+    await asyncio.sleep(0.01)
+    gate.release()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == ["fim", "a", "b"]
+    await asyncio.wait_for(gate.acquire(), 1)  # every place came back

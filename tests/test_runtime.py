@@ -302,3 +302,55 @@ def test_status_ps_reload_cli(start_daemon, tiny_gguf) -> None:
     assert "a " in ps.stdout and "pinned" in ps.stdout and "MiB" in ps.stdout
     assert cli("reload").stdout.startswith("unchanged")
     assert json.loads(cli("ps", "--json").stdout)[0]["id"] == "a"
+
+
+# ---- the editor lane ----------------------------------------------------------------------------
+
+
+def test_fim_is_admitted_before_queued_long_generations(start_daemon, tiny_gguf, tiny_fim_gguf) -> None:
+    daemon = start_daemon({"m": tiny(tiny_fim_gguf)})
+    finished: list[str] = []
+
+    def run(name: str, body: dict) -> None:
+        resp = httpx.post(
+            f"{daemon.url}/v1/completions", json={"model": "m", "temperature": 0, **body}, timeout=120
+        )
+        assert resp.status_code == 200, resp.text
+        finished.append(name)
+
+    long = threading.Thread(target=run, args=("long", {"prompt": "Once", "max_tokens": 1500}))
+    long.start()
+    wait_for(lambda: models(daemon)["m"]["active"] == 1)
+    queued = threading.Thread(target=run, args=("queued", {"prompt": "Twice", "max_tokens": 1500}))
+    queued.start()
+    wait_for(lambda: models(daemon)["m"]["waiting"] == 1)
+    fim = threading.Thread(target=run, args=("fim", {"prompt": "def f(", "suffix": "):\n", "max_tokens": 8}))
+    fim.start()
+    for thread in (long, queued, fim):
+        thread.join()
+    assert finished == ["long", "fim", "queued"]
+
+
+def test_new_fim_request_supersedes_the_same_clients_previous_one(start_daemon, tiny_fim_gguf) -> None:
+    daemon = start_daemon({"m": tiny(tiny_fim_gguf, max_concurrency=2)})
+    headers = {"User-Agent": "editor/1.0"}
+    body = {"model": "m", "prompt": "def f(", "suffix": "):\n", "temperature": 0, "stream": True}
+    chunks = 0
+    with httpx.stream(
+        "POST", f"{daemon.url}/v1/completions", json={**body, "max_tokens": 1500}, headers=headers, timeout=60
+    ) as first:
+        lines = first.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        newer = httpx.post(
+            f"{daemon.url}/v1/completions",
+            json={**body, "stream": False, "max_tokens": 8},
+            headers=headers,
+            timeout=60,
+        )
+        assert newer.status_code == 200 and newer.json()["choices"][0]["finish_reason"] == "length"
+        with pytest.raises(httpx.RemoteProtocolError):  # the superseded stream is cut short
+            for line in lines:
+                chunks += line.startswith("data: {")
+    assert chunks < 1400
