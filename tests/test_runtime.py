@@ -312,16 +312,14 @@ def test_fim_is_admitted_before_queued_long_generations(start_daemon, tiny_gguf,
     finished: list[str] = []
 
     def run(name: str, body: dict) -> None:
-        resp = httpx.post(
-            f"{daemon.url}/v1/completions", json={"model": "m", "temperature": 0, **body}, timeout=120
-        )
-        assert resp.status_code == 200, resp.text
-        finished.append(name)
+        body = {"model": "m", "temperature": 0, **body}
+        resp = httpx.post(f"{daemon.url}/v1/completions", json=body, timeout=300)
+        finished.append(name if resp.status_code == 200 else f"{name}: {resp.status_code}")
 
-    long = threading.Thread(target=run, args=("long", {"prompt": "Once", "max_tokens": 1500}))
+    long = threading.Thread(target=run, args=("long", {"prompt": "Once", "max_tokens": 1000}))
     long.start()
     wait_for(lambda: models(daemon)["m"]["active"] == 1)
-    queued = threading.Thread(target=run, args=("queued", {"prompt": "Twice", "max_tokens": 1500}))
+    queued = threading.Thread(target=run, args=("queued", {"prompt": "Twice", "max_tokens": 300}))
     queued.start()
     wait_for(lambda: models(daemon)["m"]["waiting"] == 1)
     fim = threading.Thread(target=run, args=("fim", {"prompt": "def f(", "suffix": "):\n", "max_tokens": 8}))
