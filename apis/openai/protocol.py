@@ -49,11 +49,16 @@ def _check_stops(stops: list[str] | None) -> list[str] | None:
 
 
 def _content_text(value: Any, allow_refusal: bool = False) -> str | None:
-    """Message content (a string, null, or a list of text parts) -> its text.
+    """Chat message content (a string, null, or a list of text parts) -> its text."""
+    if value is None:
+        return None
+    return parts_text(value, TEXT_PARTS | {"refusal"} if allow_refusal else TEXT_PARTS)
 
-    Image and other media parts are rejected: the models served here are text-only.
-    """
-    if value is None or isinstance(value, str):
+
+def parts_text(value: Any, allowed: frozenset[str]) -> str:
+    """A string, or a list of content parts of the `allowed` types, -> its text (refusal parts are
+    skipped). Image and other media parts are rejected: the models served here are text-only."""
+    if isinstance(value, str):
         return value
     if not isinstance(value, list):
         raise ValueError("must be a string or a list of content parts")
@@ -68,11 +73,11 @@ def _content_text(value: Any, allow_refusal: bool = False) -> str | None:
             )
         if kind in OTHER_MEDIA_PARTS:
             raise ValueError(f"content part {i} ({kind}) is not supported; only text parts are")
-        if kind == "refusal" and allow_refusal:
+        if kind == "refusal" and "refusal" in allowed:
             continue
-        if kind not in TEXT_PARTS:
+        if kind not in allowed:
             raise ValueError(
-                f"content part {i} has unsupported type {kind!r}; only 'text' parts are supported"
+                f"content part {i} has unsupported type {kind!r}; use {' or '.join(sorted(allowed))}"
             )
         text = part.get("text")
         if not isinstance(text, str):

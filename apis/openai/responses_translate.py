@@ -21,13 +21,12 @@ from ..body import WireModel, validate
 from ..errors import RequestError
 from .protocol import (
     FUNCTION_NAME,
-    IMAGE_PARTS,
-    OTHER_MEDIA_PARTS,
     FunctionDef,
     MaxTokens,
     Temperature,
     TopLogprobs,
     TopP,
+    parts_text,
 )
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -188,36 +187,6 @@ class ResponsesRequest(WireModel):
 # ---- input items -----------------------------------------------------------------------------
 
 
-def _parts_text(value: Any, allowed: frozenset[str]) -> str:
-    """A string, or a list of text parts, -> its text. Media parts are rejected (text-only models)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ValueError("must be a string or a list of content parts")
-    texts = []
-    for i, part in enumerate(value):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if not isinstance(kind, str):
-            raise ValueError(f"content part {i} must be an object with a string 'type'")
-        if kind in IMAGE_PARTS:
-            raise ValueError(
-                f"content part {i} is an image ({kind}); vision is not supported, the models here are text-only"
-            )
-        if kind in OTHER_MEDIA_PARTS:
-            raise ValueError(f"content part {i} ({kind}) is not supported; only text parts are")
-        if kind == "refusal" and "refusal" in allowed:
-            continue
-        if kind not in allowed:
-            raise ValueError(
-                f"content part {i} has unsupported type {kind!r}; use {' or '.join(sorted(allowed))}"
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise ValueError(f"content part {i} needs a string 'text'")
-        texts.append(text)
-    return "".join(texts)
-
-
 class MessageItem(WireModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
@@ -227,7 +196,7 @@ class MessageItem(WireModel):
     @classmethod
     def _content(cls, v: Any, info: ValidationInfo) -> str:
         assistant = info.data.get("role") == "assistant"
-        return _parts_text(
+        return parts_text(
             v, frozenset({"input_text", "output_text", "refusal"} if assistant else {"input_text"})
         )
 
@@ -247,7 +216,7 @@ class FunctionCallOutputItem(WireModel):
     @field_validator("output")
     @classmethod
     def _output(cls, v: Any) -> str:
-        return _parts_text(v, frozenset({"input_text"}))
+        return parts_text(v, frozenset({"input_text"}))
 
 
 class ReasoningItem(WireModel):
