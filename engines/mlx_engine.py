@@ -4,8 +4,11 @@ All MLX work (load, generation, embeddings, unload) runs on the engine's own Eng
 (DESIGN §4: MLX streams are thread-local). Prompts are built and tokenized on the event loop's
 side (in a worker thread, under a lock shared with the engine thread, because Hugging Face
 tokenizers are not safe to use from two threads at once), so a prompt that does not fit is
-rejected at once instead of after the requests queued ahead of it. Requests on one engine run one
-at a time, in arrival order.
+rejected at once instead of after the requests queued ahead of it.
+
+With `max_concurrency` 1 (the default) requests run one at a time, in arrival order (mlx_generation);
+above 1 they decode together, continuously batched (mlx_batch), unless speculative decoding or a
+quantized KV cache keeps the model at batch size 1 (mlx_batch.single_request_reason).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mlx_serve.profiles.schema import ModelSpec
 
 from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
+from .mlx_batch import BatchScheduler, make_scheduler
 from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
 from .mlx_sampling import resolve_sampling
 from .prompting import (
@@ -64,6 +68,7 @@ class MLXEngine:
         self._info: EngineInfo | None = None
         self._template: ChatTemplate | None = None
         self._reasoning: ReasoningFormat | None = None
+        self._batch: BatchScheduler | None = None  # when requests decode together (max_concurrency > 1)
         self._lifecycle = asyncio.Lock()
 
     @property
@@ -88,6 +93,7 @@ class MLXEngine:
             self._thread, self._loaded, self._template = thread, loaded, template
             self._reasoning = detect_reasoning(template.source) if template else None
             self._info = info
+            self._batch = make_scheduler(self.model_id, loaded, self.spec, self.counters, thread)
             log.info(
                 "loaded %s: %s, context %d, %.0f MB of weights",
                 self.model_id,
@@ -98,7 +104,7 @@ class MLXEngine:
 
     async def unload(self) -> None:
         async with self._lifecycle:
-            thread, self._thread = self._thread, None
+            thread, self._thread, self._batch = self._thread, None, None
             self._loaded, self._info, self._template, self._reasoning = None, None, None, None
             if thread is None:
                 return
@@ -246,11 +252,14 @@ class MLXEngine:
                 f"model {self.model_id!r} is an embedding model; it does not generate"
             )
         plan = await self._plan(request)
-        loaded, thread = self._loaded, self._thread
+        loaded, thread, batch = self._loaded, self._thread, self._batch
         if loaded is None or thread is None:  # unloaded while the prompt was being tokenized
             raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
-        producer = partial(run_generation, loaded, self.spec, plan, self.counters)
-        async with aclosing(thread.stream(producer)) as events:
+        if batch is not None:
+            stream = batch.stream(plan)
+        else:
+            stream = thread.stream(partial(run_generation, loaded, self.spec, plan, self.counters))
+        async with aclosing(stream) as events:
             async for event in events:
                 yield event
 

@@ -1,8 +1,9 @@
 """One MLX generation, run on the engine's thread: token generator -> detokenizer -> events.
 
 The token generators are mlx-lm's own (`generate_step`, `speculative_generate_step` for a draft
-model) or ours for prompt lookup; all yield (token, logprobs, from_draft). Decoded text goes
-through the shared OutputPipeline (stop strings, reasoning, tool calls). `cancelled` is checked
+model) or ours for prompt lookup; all yield (token, logprobs, from_draft). RequestOutput turns a
+request's tokens into its events (detokenizer, logprobs, the shared OutputPipeline for stop strings,
+reasoning and tool calls); the batch scheduler (mlx_batch) uses it too. `cancelled` is checked
 after every token, so a closed stream stops within a token or two.
 """
 
@@ -33,6 +34,7 @@ from .types import Finished, FinishReason, Usage
 log = logging.getLogger("mlx_serve.engines.mlx")
 KV_REFRESH_TOKENS = 16  # how often the running request's KV size is re-measured for memory_bytes()
 TokenStream = Generator[tuple[int, mx.array, bool], None, None]
+Emit = Callable[[Any], None]
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EngineCounters:
 
     tokens_generated: int = 0  # every token the model produced, over all requests
     requests: int = 0
+    batch_peak: int = 0  # the most requests ever decoding together in one batch (mlx_batch)
     load_thread: int | None = None
     generate_thread: int | None = None
 
@@ -151,73 +154,99 @@ def _count_drafts(steps: TokenStream, k: int, max_tokens: int, drafts: DraftCoun
         steps.close()
 
 
+class RequestOutput:
+    """One request's generated tokens -> its events: EOS, streaming detokenizer, logprobs,
+    OutputPipeline (stops, reasoning, tool calls), and the closing Finished with its usage.
+
+    Shared by the single-request path (run_generation) and the batch scheduler (mlx_batch); runs on
+    the engine thread. The caller counts `completion` (every token the model produced for it).
+    """
+
+    def __init__(self, loaded: LoadedModel, plan: DecodePlan, emit: Emit) -> None:
+        self._plan = plan
+        self._emit = emit
+        self._tokenizer, self._lock = loaded.tokenizer, loaded.tokenizer_lock
+        self._eos = loaded.tokenizer.eos_token_ids
+        self._detokenizer = loaded.tokenizer.detokenizer  # a fresh copy per request
+        self._pipeline = OutputPipeline(plan.stops, plan.reasoning, plan.tool_format, plan.prompt_text)
+        self.completion = 0
+        self.reason: FinishReason = "length"
+
+    def feed(self, token: int, logprobs: mx.array) -> bool:
+        """Turn one token into events; True when it ends the generation (EOS or a stop string)."""
+        if token in self._eos:
+            self.reason = "stop"
+            return True
+        with self._lock:  # naive detokenizers call the tokenizer, which other threads also use
+            self._detokenizer.add_token(token)
+        s = self._plan.sampling
+        lp = (token_logprob(token, logprobs, s.top_logprobs, self._decode),) if s.logprobs else ()
+        for event in self._pipeline.feed(self._detokenizer.last_segment, lp):
+            self._emit(event)
+        if self._pipeline.stopped:
+            self.reason = "stop"
+            return True
+        return False
+
+    def finish(self, drafts: DraftCounters | None = None) -> None:
+        """Emit what the detokenizer and the pipeline still hold, then Finished."""
+        self._detokenizer.finalize()
+        for event in self._pipeline.feed(self._detokenizer.last_segment) + self._pipeline.flush():
+            self._emit(event)
+        if self._pipeline.tool_calls:
+            self.reason = "tool_calls"
+        self._emit(self._finished(self.reason, None, drafts))
+
+    def fail(self, exc: BaseException, drafts: DraftCounters | None = None) -> None:
+        """A mid-stream failure: the stream still ends with Finished (reason "error")."""
+        self._emit(self._finished("error", f"{type(exc).__name__}: {exc}", drafts))
+
+    def _decode(self, token: int) -> str:
+        with self._lock:
+            return self._tokenizer.decode([token])
+
+    def _finished(self, reason: FinishReason, error: str | None, drafts: DraftCounters | None) -> Finished:
+        usage = Usage(
+            prompt_tokens=len(self._plan.prompt_ids),
+            completion_tokens=self.completion,
+            drafted_tokens=drafts.drafted if drafts else 0,
+            accepted_draft_tokens=drafts.accepted if drafts else 0,
+        )
+        return Finished(reason, usage, error, stop_sequence=self._pipeline.matched_stop)
+
+
 def run_generation(
     loaded: LoadedModel,
     spec: ModelSpec,
     plan: DecodePlan,
     counters: EngineCounters,
-    emit: Callable[[Any], None],
+    emit: Emit,
     cancelled: threading.Event,
 ) -> None:
     """The producer for EngineThread.stream: emits events, the last one Finished (unless cancelled)."""
     counters.generate_thread = threading.get_ident()
     counters.requests += 1
-    s = plan.sampling
     drafts = DraftCounters()
-    completion = 0
-    tokenizer, lock = loaded.tokenizer, loaded.tokenizer_lock
-
-    def decode(token: int) -> str:
-        with lock:
-            return tokenizer.decode([token])
-
-    def finished(reason: FinishReason, error: str | None = None) -> Finished:
-        usage = Usage(
-            prompt_tokens=len(plan.prompt_ids),
-            completion_tokens=completion,
-            drafted_tokens=drafts.drafted,
-            accepted_draft_tokens=drafts.accepted,
-        )
-        return Finished(reason, usage, error, stop_sequence=pipeline.matched_stop)
-
-    if s.seed is not None:
-        mx.random.seed(s.seed)
-    pipeline = OutputPipeline(plan.stops, plan.reasoning, plan.tool_format, plan.prompt_text)
-    detokenizer = tokenizer.detokenizer
-    eos = tokenizer.eos_token_ids
-    reason: FinishReason = "length"
+    if plan.sampling.seed is not None:
+        mx.random.seed(plan.sampling.seed)
+    out = RequestOutput(loaded, plan, emit)
     tokens: TokenStream | None = None
     try:
         tokens, cache = token_stream(loaded, spec, plan, drafts)
         with wired_limit(loaded.model, [generation_stream]):  # a no-op without Metal
             for token, logprobs, _from_draft in tokens:
-                completion += 1
+                out.completion += 1
                 counters.tokens_generated += 1
                 if cancelled.is_set():
                     return  # the consumer is gone: nobody to tell
-                if completion % KV_REFRESH_TOKENS == 1:
+                if out.completion % KV_REFRESH_TOKENS == 1:
                     loaded.kv_bytes = _cache_bytes(cache)
-                if token in eos:
-                    reason = "stop"
+                if out.feed(token, logprobs):
                     break
-                with lock:  # naive detokenizers call the tokenizer, which other threads also use
-                    detokenizer.add_token(token)
-                lp = (token_logprob(token, logprobs, s.top_logprobs, decode),) if s.logprobs else ()
-                for event in pipeline.feed(detokenizer.last_segment, lp):
-                    emit(event)
-                if pipeline.stopped:
-                    reason = "stop"
-                    break
-        detokenizer.finalize()
-        events = pipeline.feed(detokenizer.last_segment) + pipeline.flush()
-        for event in events:
-            emit(event)
-        if pipeline.tool_calls:
-            reason = "tool_calls"
-        emit(finished(reason))
+        out.finish(drafts)
     except Exception as exc:  # mid-stream failure: the stream still ends with Finished
         log.exception("generation failed")
-        emit(finished("error", f"{type(exc).__name__}: {exc}"))
+        out.fail(exc, drafts)
     finally:
         if tokens is not None:
             tokens.close()  # runs the generators' cleanup (speculative cache rewind)

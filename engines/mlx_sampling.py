@@ -1,7 +1,8 @@
 """Sampling settings for one MLX request: request value, else profile default, else engine default.
 
-The sampler and logits processors are mlx-lm's own (`make_sampler`, `make_logits_processors`);
-this module only resolves the settings and turns a logprobs vector into TokenLogprob values.
+The sampler and logits processors are mlx-lm's own (`make_sampler`, `make_logits_processors`, and
+its top-p / min-p / top-k filters in SeededSampler, for seeded requests in a batch); this module only
+resolves the settings and turns a logprobs vector into TokenLogprob values.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from mlx_serve.profiles.schema import Sampling
 
@@ -40,6 +41,18 @@ class ResolvedSampling:
     def sampler(self) -> Callable[[mx.array], mx.array]:
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
+    def batch_sampler(self) -> Callable[[mx.array], mx.array]:
+        """The sampler for a request decoded in a batch (mlx_batch).
+
+        Like sampler(), except with a seed: the global MLX seed that the single-request path sets
+        is shared by the whole batch, so a seeded request draws from its own random key instead.
+        The same seed then gives the same text whatever else is in the batch (not the same text
+        as the single-request path, which draws from the global generator).
+        """
+        if self.seed is None or self.temperature == 0:
+            return self.sampler()
+        return SeededSampler(self)
+
     def logits_processors(self) -> list[Callable[[mx.array, mx.array], mx.array]]:
         return make_logits_processors(
             repetition_penalty=self.repetition_penalty,
@@ -49,6 +62,28 @@ class ResolvedSampling:
             frequency_penalty=self.frequency_penalty,
             frequency_context_size=PENALTY_CONTEXT,
         )
+
+
+class SeededSampler:
+    """make_sampler's chain (top-p, min-p, top-k, then temperature) drawing from a private key."""
+
+    def __init__(self, s: ResolvedSampling) -> None:
+        assert s.seed is not None and s.temperature > 0
+        self._key = mx.random.key(s.seed)
+        self._temperature = s.temperature
+        self._filters: list[Callable[[mx.array], mx.array]] = []
+        if 0 < s.top_p < 1.0:
+            self._filters.append(lambda x: apply_top_p(x, s.top_p))
+        if s.min_p != 0.0:
+            self._filters.append(lambda x: apply_min_p(x, s.min_p, 1))
+        if s.top_k > 0:
+            self._filters.append(lambda x: apply_top_k(x, s.top_k))
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        for method in self._filters:
+            logprobs = method(logprobs)
+        self._key, key = mx.random.split(self._key)
+        return mx.random.categorical(logprobs * (1.0 / self._temperature), key=key)
 
 
 def resolve_sampling(request: SamplingParams, profile: Sampling, room: int) -> ResolvedSampling:

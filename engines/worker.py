@@ -47,7 +47,8 @@ class EngineThread:
             except BaseException:  # a job reports its own errors; never let the thread die
                 log.exception("engine job failed")
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a plain job (it reports its own errors)."""
         if self._closed:  # a job queued behind close() would never run: fail instead of hanging
             from .errors import EngineNotLoadedError
 
@@ -66,7 +67,7 @@ class EngineThread:
             except BaseException as exc:
                 future.set_exception(exc)
 
-        self._submit(job)
+        self.submit(job)
         return await asyncio.wrap_future(future)
 
     async def stream(self, producer: Callable[[Emit, threading.Event], None]) -> AsyncIterator[Any]:
@@ -94,7 +95,7 @@ class EngineThread:
             finally:
                 emit(_End())
 
-        self._submit(job)
+        self.submit(job)
         try:
             while True:
                 item = await items.get()
