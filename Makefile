@@ -35,7 +35,8 @@ schema: $(STAMP)
 	$(PY) -m mlx_serve.profiles.jsonschema
 
 bench: $(STAMP)
-	$(PY) tests/bench/run.py
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 # Real components the tests drive (Prometheus, plist lint, systemd-analyze, a keyring daemon).
 system-deps:
