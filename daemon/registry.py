@@ -35,6 +35,7 @@ from .errors import (
     UnknownModelError,
 )
 from .eviction import Resident, plan_eviction
+from .memory import release_memory
 from .slot import Slot, SlotState, estimate_bytes, total_memory
 
 log = logging.getLogger("mlx_serve.registry")
@@ -225,6 +226,7 @@ class Registry:
                 await engine.unload()
             except Exception:
                 log.exception("unloading %s failed", slot.model_id)
+            release_memory()
             log.info("model %s unloaded (%s)", slot.model_id, reason)
             self._notify("unload", reason, slot)
 
