@@ -39,7 +39,13 @@ def toml_value(value: Any) -> str:
 
 
 def profile_text(models: dict[str, dict[str, Any]], **sections: dict[str, Any]) -> str:
-    """A profile TOML from plain dicts: profile_text({"tiny": {...}}, server={"port": 1})."""
+    """A profile TOML from plain dicts: profile_text({"tiny": {...}}, server={"port": 1}).
+
+    Unless the caller sets [defaults], llama.cpp runs one thread per model: on these 2 shared cores
+    two spin-waiting llama.cpp threads stall each other whenever another process is busy (0.5 s a
+    token for the tiny model), while one thread is as fast for the test models and never stalls.
+    """
+    sections = {"defaults": {"threads": 1}, **sections}
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
