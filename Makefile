@@ -26,6 +26,7 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP) system-deps
+	$(PY) -m pip install -q -e '.[test,bench]'  # the benchmark smoke test needs the peers
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
