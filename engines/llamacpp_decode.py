@@ -1,5 +1,6 @@
 """llama.cpp decoding for LlamaCppEngine: prompt prefill with KV prefix reuse, sampling with
-per-token logprobs, prompt-lookup drafts verified in one batch, and token pieces.
+per-token logprobs, prompt-lookup drafts verified in one batch, token pieces, and the text side of
+one request (Output), shared by the one-at-a-time path and the batch scheduler (llamacpp_batch.py).
 
 Runs only on the engine's thread. `Llama.input_ids[:n_tokens]` always mirrors the KV cache, so
 the next request can reuse the longest common prefix (as `Llama.generate` does).
@@ -7,8 +8,9 @@ the next request can reuse the longest common prefix (as `Llama.generate` does).
 
 from __future__ import annotations
 
+import codecs
 import ctypes
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,10 @@ from llama_cpp._internals import LlamaSampler
 from mlx_serve.profiles.schema import PromptLookup
 
 from .constrained import JsonConstraint
-from .types import TokenLogprob
+from .postprocess import OutputPipeline
+from .reasoning import ReasoningFormat
+from .toolcalls import ToolFormat
+from .types import Event, Finished, FinishReason, TokenLogprob, Usage
 
 PENALTY_LAST_N = 64
 
@@ -28,6 +33,54 @@ PENALTY_LAST_N = 64
 class DraftStats:
     drafted: int = 0
     accepted: int = 0
+
+
+@dataclass
+class Prepared:
+    """One request, templated and tokenized, with everything its decoding needs."""
+
+    model: Any  # the engine's _Model it was prepared for
+    tokens: list[int]
+    text: str
+    stops: tuple[str, ...]
+    reasoning: ReasoningFormat | None
+    tool_format: ToolFormat | None
+    sampling: dict[str, Any]
+    budget: int  # completion tokens allowed: max_tokens, capped by the room left in the context
+    logprobs: bool
+    top_logprobs: int
+    constraint: JsonConstraint | None = None  # response_format: masks logits to the JSON grammar
+
+
+class Output:
+    """The text side of one request: sampled tokens -> events, its stop conditions, its Finished."""
+
+    def __init__(self, prep: Prepared, decoder: Decoder) -> None:
+        self.pipeline = OutputPipeline(prep.stops, prep.reasoning, prep.tool_format, prep.text)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # pieces may split a character
+        self._decoder = decoder
+        self.count = 0  # completion tokens, the end-of-generation token included
+        self.reason: FinishReason = "length"
+        self.done = False
+
+    def push(self, token: int, logprobs: Sequence[TokenLogprob] = ()) -> list[Event]:
+        """Events for one sampled token; sets `done` on an end-of-generation token or a stop string."""
+        self.count += 1
+        if self._decoder.is_eog(token):
+            self.reason, self.done = "stop", True
+            return []
+        events = self.pipeline.feed(self._utf8.decode(self._decoder.piece(token)), logprobs)
+        if self.pipeline.stopped:
+            self.reason, self.done = "stop", True
+        return events
+
+    def finish(self, prompt_tokens: int, cached: int, stats: DraftStats) -> list[Event]:
+        """What is still held back, then Finished. An incomplete character at the very end
+        (max_tokens hit mid-sequence) is dropped."""
+        events = self.pipeline.flush()
+        reason = "tool_calls" if self.reason == "stop" and self.pipeline.tool_calls else self.reason
+        usage = Usage(prompt_tokens, self.count, cached, stats.drafted, stats.accepted)
+        return [*events, Finished(reason, usage, stop_sequence=self.pipeline.matched_stop)]
 
 
 class Decoder:
@@ -45,9 +98,7 @@ class Decoder:
         """Decode the prompt, reusing the longest cached prefix; returns the reused token count."""
         llm, common = self.llm, 0
         if llm.n_tokens:
-            m = min(llm.n_tokens, len(tokens))
-            same = llm.input_ids[:m] == np.asarray(tokens[:m], dtype=np.intc)
-            common = m if same.all() else int(np.argmin(same))
+            common = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
             common = min(common, len(tokens) - 1)  # decode at least one token: we need fresh logits
             if common and not llm._ctx.kv_cache_seq_rm(-1, common, -1):
                 common = 0
@@ -89,7 +140,7 @@ class Decoder:
                     constraint.accept(token)
                 history[size] = token
                 size, produced = size + 1, produced + 1
-                yield token, (self._logprobs(idx, token, top_logprobs) if logprobs else ())
+                yield token, (self.token_logprobs(idx, token, top_logprobs) if logprobs else ())
                 if produced >= budget:
                     return
                 if i < len(draft) and token == draft[i]:
@@ -109,7 +160,7 @@ class Decoder:
                 stats.drafted += len(draft)
             decode(llm, [token, *draft], all_logits=bool(draft))
 
-    def _logprobs(self, idx: int, token: int, top: int) -> tuple[TokenLogprob, ...]:
+    def token_logprobs(self, idx: int, token: int, top: int) -> tuple[TokenLogprob, ...]:
         llm = self.llm
         logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(idx), shape=(llm.n_vocab(),))
         peak = float(logits.max())
@@ -177,6 +228,15 @@ def forget_cache(llm: llama_cpp.Llama) -> None:
     llm._ctx.kv_cache_clear()
     llm.n_tokens = 0
     llm._requires_eval = True
+
+
+def common_prefix(cached: Sequence[int] | np.ndarray, tokens: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    m = min(len(cached), len(tokens))
+    if not m:
+        return 0
+    same = np.asarray(cached[:m], dtype=np.intc) == np.asarray(tokens[:m], dtype=np.intc)
+    return m if same.all() else int(np.argmin(same))
 
 
 def lookup_draft(history: np.ndarray, min_ngram: int, max_ngram: int, limit: int) -> list[int]:

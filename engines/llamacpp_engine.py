@@ -7,12 +7,17 @@ than `Llama.generate`, for three reasons: per-token logprobs without `logits_all
 n_ctx x n_vocab float array), prompt-lookup drafts verified in one batch with only that batch's
 logits, and draft statistics for Usage (see llamacpp_decode.py). Loading, GGUF validation and the
 profile's llama.cpp settings live in llamacpp_load.py.
+
+With `max_concurrency = 1` (the default) requests run one at a time, FIFO, each as one job on the
+engine thread (`_produce`), with KV prefix reuse across requests. With `max_concurrency = N > 1`
+the context holds N sequences and requests decode together, joining and leaving between steps
+(continuous batching, llamacpp_batch.py). Embedding models never batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -28,9 +33,9 @@ from mlx_serve.profiles.schema import ModelSpec
 
 from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
-from .llamacpp_decode import Decoder, DraftStats, forget_cache, make_sampler
-from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama
-from .postprocess import OutputPipeline
+from .llamacpp_batch import BatchScheduler
+from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler
+from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
 from .prompting import (
     ChatTemplate,
     TemplateError,
@@ -42,17 +47,7 @@ from .prompting import (
 )
 from .reasoning import ReasoningFormat, detect_reasoning
 from .sources import gguf_file
-from .toolcalls import ToolFormat
-from .types import (
-    Capability,
-    EngineInfo,
-    Event,
-    Finished,
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    Usage,
-)
+from .types import Capability, EngineInfo, Event, GenerationRequest, SamplingParams
 from .worker import Emit, EngineThread
 
 # Used when neither the request nor the profile's [sampling] sets a value. Neutral, as in the MLX
@@ -82,21 +77,7 @@ class _Model:
     template: ChatTemplate | None
     reasoning: ReasoningFormat | None
     fim: tuple[str, str, str] | None
-
-
-@dataclass
-class _Prepared:
-    model: _Model
-    tokens: list[int]
-    text: str
-    stops: tuple[str, ...]
-    reasoning: ReasoningFormat | None
-    tool_format: ToolFormat | None
-    sampling: dict[str, Any]
-    budget: int  # completion tokens allowed: max_tokens, capped by the room left in the context
-    logprobs: bool
-    top_logprobs: int
-    constraint: JsonConstraint | None = None  # response_format: masks logits to the JSON grammar
+    batch: BatchScheduler | None = None  # max_concurrency > 1: requests decode together
 
 
 class LlamaCppEngine:
@@ -127,6 +108,10 @@ class LlamaCppEngine:
             except BaseException:
                 await asyncio.to_thread(thread.close)
                 raise
+            if sequences(self.spec) > 1:  # load_llama made the context hold that many sequences
+                lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
+                batch = BatchScheduler(thread, model.llm, model.decoder, lookup, self._count)
+                model = dataclasses.replace(model, batch=batch)
             self._thread, self._model = thread, model
 
     def _load_sync(self) -> _Model:
@@ -182,7 +167,7 @@ class LlamaCppEngine:
             if thread is None:
                 return
             if model is not None:
-                await thread.call(model.llm.close)
+                await thread.call(_close, model)
             await asyncio.to_thread(thread.close)
 
     def _require(self) -> tuple[_Model, EngineThread]:
@@ -233,8 +218,9 @@ class LlamaCppEngine:
     # ---- prompts ---------------------------------------------------------------------------
 
     async def count_tokens(self, request: GenerationRequest) -> int:
-        _, thread = self._require()
-        return len((await thread.call(self._prompt, request))[1])
+        model, thread = self._require()
+        call = model.batch.call if model.batch else thread.call  # between the scheduler's steps
+        return len((await call(self._prompt, request))[1])
 
     def _prompt(self, request: GenerationRequest) -> tuple[_Model, list[int], str]:
         """(model, tokens, text) exactly as generate() decodes them."""
@@ -268,7 +254,7 @@ class LlamaCppEngine:
             tokens = [bos]
         return model, tokens, text
 
-    def _prepare(self, request: GenerationRequest) -> _Prepared:
+    def _prepare(self, request: GenerationRequest) -> Prepared:
         if self.spec.embedding:
             raise UnsupportedRequestError(
                 f"model {self.model_id!r} is an embedding model; it does not generate"
@@ -280,7 +266,7 @@ class LlamaCppEngine:
         s = request.sampling
         max_tokens = s.max_tokens or self.spec.sampling.max_tokens or n_ctx
         hint = f"{self.model_id} {model.header.metadata.get('general.name', '')}"
-        return _Prepared(
+        return Prepared(
             model=model,
             tokens=tokens,
             text=text,
@@ -307,13 +293,21 @@ class LlamaCppEngine:
     # ---- generation ------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        _, thread = self._require()
-        prepared = await thread.call(self._prepare, request)
-        async with aclosing(thread.stream(partial(self._produce, prepared))) as events:
+        model, thread = self._require()
+        if model.batch is not None:  # prepared on the engine thread between the scheduler's steps
+            stream = model.batch.stream(partial(self._prepare, request))
+        else:
+            prepared = await thread.call(self._prepare, request)
+            stream = thread.stream(partial(self._produce, prepared))
+        async with aclosing(stream) as events:
             async for event in events:
                 yield event
 
-    def _produce(self, prep: _Prepared, emit: Emit, cancelled: threading.Event) -> None:
+    def _count(self, n: int) -> None:
+        self.generated_tokens += n
+
+    def _produce(self, prep: Prepared, emit: Emit, cancelled: threading.Event) -> None:
+        """One request alone on the engine thread (max_concurrency = 1)."""
         if self._live() is not prep.model:
             raise EngineNotLoadedError(f"model {self.model_id!r} was reloaded")
         llm, decoder = prep.model.llm, prep.model.decoder
@@ -322,10 +316,7 @@ class LlamaCppEngine:
         lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
         try:
             cached = decoder.prefill(prep.tokens)
-            pipeline = OutputPipeline(prep.stops, prep.reasoning, prep.tool_format, prep.text)
-            utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # pieces may split a character
-            reason: FinishReason = "length"
-            count = 0
+            out = Output(prep, decoder)
             tokens = decoder.tokens(
                 sampler,
                 prep.tokens,
@@ -338,27 +329,17 @@ class LlamaCppEngine:
             )
             try:
                 for token, logprobs in tokens:
-                    count += 1
                     self.generated_tokens += 1
-                    if decoder.is_eog(token):
-                        reason = "stop"
-                        break
-                    for event in pipeline.feed(utf8.decode(decoder.piece(token)), logprobs):
+                    for event in out.push(token, logprobs):
                         emit(event)
-                    if pipeline.stopped:
-                        reason = "stop"
+                    if out.done:
                         break
                     if cancelled.is_set():
                         return
             finally:
                 tokens.close()
-            # An incomplete character at the very end (max_tokens hit mid-sequence) is dropped.
-            for event in pipeline.flush():
+            for event in out.finish(len(prep.tokens), cached, stats):
                 emit(event)
-            if reason == "stop" and pipeline.tool_calls:
-                reason = "tool_calls"
-            usage = Usage(len(prep.tokens), count, cached, stats.drafted, stats.accepted)
-            emit(Finished(reason, usage, stop_sequence=pipeline.matched_stop))
         except BaseException:
             forget_cache(llm)  # a failed decode leaves the KV cache in an unknown state
             raise
@@ -393,6 +374,12 @@ class LlamaCppEngine:
             norm = float(np.linalg.norm(arr))
             out.append((arr / norm if norm > 0 else arr).tolist())
         return out
+
+
+def _close(model: _Model) -> None:
+    if model.batch is not None:
+        model.batch.close()
+    model.llm.close()
 
 
 async def _discard(thread: EngineThread, job: asyncio.Future[_Model]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import gguf
 import llama_cpp
+from llama_cpp._internals import LlamaContext
 
 from mlx_serve.profiles.schema import ModelSpec
 
@@ -333,4 +334,34 @@ def load_llama(model_id: str, path: Path, spec: ModelSpec) -> tuple[llama_cpp.Ll
         raise ModelLoadError(
             model_id, f"llama.cpp could not load {path.name} (architecture {header.architecture!r}): {reason}"
         ) from None
+    if sequences(spec) > 1:
+        try:
+            use_sequences(llm, sequences(spec))
+        except ValueError:
+            llm.close()
+            reason = _llama_reason("cannot create the context")
+            raise ModelLoadError(
+                model_id, f"llama.cpp: {sequences(spec)} sequences of {kwargs['n_ctx']} tokens: {reason}"
+            ) from None
     return llm, header
+
+
+def sequences(spec: ModelSpec) -> int:
+    """Sequences one context decodes together: the profile's max_concurrency (embeddings: 1)."""
+    return 1 if spec.embedding else spec.max_concurrency
+
+
+def use_sequences(llm: llama_cpp.Llama, n_seq: int) -> None:
+    """Replace the Llama's context with one that decodes `n_seq` sequences together (DESIGN §4:
+    `Llama` does not expose n_seq_max). Same settings (threads, KV type, flash attention, batch),
+    plus a unified KV cache of n_seq times the profile's context: with `kv_unified` llama.cpp
+    gives every sequence the whole n_ctx (llama_n_ctx_seq == llama_n_ctx) from one shared pool,
+    so each request, capped at the profile's context, always finds room even when all N are full.
+    The Llama keeps its own `context_params` (the per-sequence n_ctx the engine reports); the new
+    context is freed with the model (LlamaContext registers itself on the model's exit stack)."""
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_ctx = llm.context_params.n_ctx * n_seq
+    params.n_seq_max = n_seq
+    params.kv_unified = True
+    llm._ctx.close()  # free the single-sequence KV cache before allocating the larger one
+    llm._ctx = LlamaContext(model=llm._model, params=params, verbose=False)

@@ -1,0 +1,399 @@
+"""Continuous batching for the llama.cpp engine (profile `max_concurrency = N > 1`).
+
+One llama_context holds N sequences in a unified KV cache (llamacpp_load.use_sequences); slot i
+owns sequence id i. The BatchScheduler runs as ONE job on the engine thread while it has work;
+with nothing left it returns, so the thread can run other jobs (unload). Each step it
+  1. runs its inbox (thread-safe): new requests are prepared (errors reach only that request) and
+     wait FIFO for a slot; `call()` jobs such as count_tokens run here, never behind the streams;
+  2. drops cancelled sequences (a client that left is out within a step) and fills free slots;
+  3. builds ONE llama_batch: one token per decoding sequence plus at most PREFILL_CHUNK prompt
+     tokens of newly joined ones, so a long prompt is read over several steps while the running
+     streams keep producing a token per step; runs one llama_decode;
+  4. samples each sequence from its own batch row with its own sampler chain, JSON constraint,
+     logprobs, stop strings and OutputPipeline, and hands all events of the step to the event
+     loop in one wake-up (each call_soon_threadsafe costs a pipe write).
+
+Prefix reuse, per sequence: a slot keeps the KV of its last request (finished or cancelled). A new
+request takes the free slot sharing the longest prompt prefix if that covers half its prompt (else
+the least recently used one), drops the rest of that sequence (llama_memory_seq_rm) and decodes
+only what differs: editors resend nearly the same prompt. The pool holds N full contexts, so kept
+caches never crowd out running sequences. Prompt lookup drafts only while a sequence is alone:
+with others in the batch the step is compute-bound and drafts would slow everyone down.
+
+Batched output: alone in the batch, a request gives exactly the max_concurrency = 1 output. In a
+batch, llama.cpp's CPU attention is not batch-invariant: the F16 KQ/KQV matmuls tile by batch rows
+(a row's result depends on its place in a tile of 4) and flash attention switches to a tiled kernel
+from 4 rows; the quantized matmuls are exact (the tiny model as Q4_1 or Q8_0 matches bit for bit at
+any batch size). Through SmolLM2's 30 layers of int8-quantized activations this moves logits by up
+to ~0.5, so greedy text can fork where the two best tokens nearly tie; the tiny 2-layer F32 model
+matches token for token (logprobs within ~1e-3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import LlamaBatch
+
+from mlx_serve.profiles.schema import PromptLookup
+
+from .errors import EngineError, EngineNotLoadedError
+from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, common_prefix, lookup_draft, make_sampler
+from .types import Event, Finished
+
+T = TypeVar("T")
+PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
+log = logging.getLogger("mlx_serve.engines.llama_cpp")
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+@dataclass(eq=False)
+class _Client:
+    """The receiving end of one request: an asyncio queue on its event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any]
+    cancelled: threading.Event
+
+    def send(self, item: Any) -> None:
+        """Hand one item over now (rare paths; steps batch theirs through BatchScheduler._flush)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (process shutting down): stop producing
+            self.cancelled.set()
+
+
+def _deliver(items: list[tuple[_Client, Any]]) -> None:
+    for client, item in items:
+        client.queue.put_nowait(item)
+
+
+@dataclass(frozen=True)
+class _Job:
+    run: Callable[[], None]  # on the engine thread, between steps; reports its own errors
+    fail: Callable[[BaseException], None]  # when the scheduler cannot run it (engine closed)
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, by position
+    busy: bool = False
+    released: int = 0  # step of the last release (least recently used goes first)
+
+
+class _Sequence:
+    """One request in the batch."""
+
+    def __init__(self, prep: Prepared, client: _Client) -> None:
+        self.prep, self.client, self.cancelled = prep, client, client.cancelled
+        self.sampler = make_sampler(prep.model.llm, prep.sampling)
+        s, penalties = prep.sampling, ("repetition_penalty", "presence_penalty", "frequency_penalty")
+        # Greedy without penalties: the first maximum, as llama.cpp's greedy sampler picks it, cheaper.
+        self.argmax = s["temperature"] <= 0 and tuple(s[p] for p in penalties) == (1, 0, 0)
+        self.output = Output(prep, prep.model.decoder)
+        self.stats = DraftStats()
+        self.slot: _Slot | None = None
+        self.left = False  # finished, failed or cancelled: out of the batch
+        self.cached = 0  # prompt tokens reused from the slot's KV
+        self.fed = 0  # prompt tokens in the KV cache
+        self.next = -1  # the sampled token the next step decodes
+        self.draft: list[int] = []
+        self.rows: range = range(0)  # batch rows holding this sequence's logits after the step
+        self.history = np.empty(len(prep.tokens) + prep.budget, dtype=np.intc)  # for prompt lookup
+        self.history[: len(prep.tokens)] = prep.tokens
+        self.size = len(prep.tokens)
+
+    @property
+    def decoding(self) -> bool:
+        return self.slot is not None and self.fed == len(self.prep.tokens)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        thread: Any,  # worker.EngineThread
+        llm: llama_cpp.Llama,
+        decoder: Decoder,
+        lookup: PromptLookup | None,
+        count: Callable[[int], None],
+    ) -> None:
+        self._thread, self.llm, self._decoder, self._lookup, self._count = thread, llm, decoder, lookup, count
+        n_seq = llama_cpp.llama_n_seq_max(llm.ctx)
+        self._capacity = llm.n_batch  # tokens per llama_decode (the context's n_batch)
+        self._vocab = llm.n_vocab()
+        self._batch = LlamaBatch(n_tokens=self._capacity, embd=0, n_seq_max=1, verbose=False)
+        self._slots = [_Slot(i) for i in range(n_seq)]
+        self._seqs: list[_Sequence] = []  # in arrival order; those without a slot are waiting
+        self._inbox: deque[_Job] = deque()
+        self._lock = threading.Lock()
+        self._active = False  # a _run job is queued or running on the engine thread
+        self._closed = False
+        self._steps = 0
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._outbox: list[tuple[_Client, Any]] = []  # events of this step, handed over by _flush
+
+    # ---- the asyncio side --------------------------------------------------------------------
+
+    async def stream(self, prepare: Callable[[], Prepared]) -> AsyncIterator[Event]:
+        """Events of one request; `prepare` runs on the engine thread (its errors are raised here
+        before any event). Closing the iterator cancels the request at the next step."""
+        client = _Client(asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
+        self._submit(_Job(lambda: self._admit(prepare, client), lambda exc: client.send(_Failure(exc))))
+        try:
+            while True:
+                item = await client.queue.get()
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            client.cancelled.set()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) on the engine thread between two steps and await its result."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        self._submit(_Job(run, lambda exc: future.done() or future.set_exception(exc)))
+        return await asyncio.wrap_future(future)
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            self._inbox.append(job)
+            if self._active:
+                return  # the running job takes it at its next step
+            self._active = True
+        task = asyncio.ensure_future(self._thread.call(self._run))
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:  # _run never raises: an error means the job never ran (thread closed)
+            return
+        with self._lock:
+            self._active = False
+            jobs = list(self._inbox)
+            self._inbox.clear()
+        for job in jobs:
+            job.fail(exc)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batch; runs on the engine thread before the model is freed."""
+        self._closed = True
+        for seq in self._seqs:
+            seq.client.send(_Failure(EngineNotLoadedError("the model was unloaded")))
+            seq.sampler.close()
+        self._seqs.clear()
+        self._batch.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                jobs = list(self._inbox)
+                self._inbox.clear()
+            for job in jobs:
+                if self._closed:
+                    job.fail(EngineNotLoadedError("the model was unloaded"))
+                else:
+                    job.run()
+            for seq in self._seqs:
+                if seq.cancelled.is_set():  # its KV stays in its slot for prefix reuse
+                    self._release(seq)
+            self._seqs = [seq for seq in self._seqs if not seq.left]
+            for seq in self._seqs:
+                if seq.slot is None and not self._assign(seq):
+                    break  # all slots busy: the rest keep waiting, in order
+            if not any(seq.slot for seq in self._seqs):
+                self._flush()
+                with self._lock:
+                    if not self._inbox:
+                        self._active = False
+                        return
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # the context is in an unknown state: fail the running batch
+                log.exception("llama.cpp batch step failed")
+                for seq in self._seqs:
+                    if seq.slot is not None:
+                        self._release(seq, _Failure(exc))
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+                for slot in self._slots:
+                    slot.cached.clear()
+            self._seqs = [seq for seq in self._seqs if not seq.left]
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Client, Any]]] = {}
+        for client, item in self._outbox:
+            by_loop.setdefault(client.loop, []).append((client, item))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is gone (process shutting down): stop producing
+                for client, _ in items:
+                    client.cancelled.set()
+
+    def _admit(self, prepare: Callable[[], Prepared], client: _Client) -> None:
+        try:
+            prep = prepare()
+            if prep.model.llm is not self.llm:
+                raise EngineNotLoadedError("the model was reloaded")
+            self._seqs.append(_Sequence(prep, client))
+        except BaseException as exc:
+            self._outbox.append((client, _Failure(exc)))
+
+    def _assign(self, seq: _Sequence) -> bool:
+        """Give `seq` the free slot sharing the longest prompt prefix if that covers at least half
+        the prompt (llama.cpp server's rule), else the least recently used one (empty ones first),
+        so a request that shares only a BOS or a short system prompt does not evict a long cache."""
+        free = [slot for slot in self._slots if not slot.busy]
+        if not free:
+            return False
+        prompt = seq.prep.tokens
+        shared = {id(slot): common_prefix(slot.cached, prompt) for slot in free}
+        slot = max(free, key=lambda s: shared[id(s)])
+        if 2 * shared[id(slot)] < len(prompt):
+            slot = min(free, key=lambda s: (bool(s.cached), s.released))
+        keep = min(shared[id(slot)], len(prompt) - 1)  # decode at least one token: fresh logits
+        self._trim(slot, keep)
+        slot.busy, seq.slot, seq.cached, seq.fed = True, slot, len(slot.cached), len(slot.cached)
+        return True
+
+    def _trim(self, slot: _Slot, keep: int) -> None:
+        """Drop the slot's KV from position `keep` on."""
+        if keep >= len(slot.cached):
+            return
+        memory = llama_cpp.llama_get_memory(self.llm.ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, 0, -1)  # partial removal refused: all
+            keep = 0
+        del slot.cached[keep:]
+
+    def _release(self, seq: _Sequence, failure: _Failure | None = None) -> None:
+        """Take `seq` out of the batch (after a failure: with the KV of its slot)."""
+        if failure is not None:
+            self._outbox.append((seq.client, failure))
+        seq.sampler.close()
+        seq.left = True
+        if seq.slot is not None:
+            if failure is not None:
+                self._trim(seq.slot, 0)
+            seq.slot.busy, seq.slot.released, seq.slot = False, self._steps, None
+
+    def _step(self) -> None:
+        self._steps += 1
+        running = [seq for seq in self._seqs if seq.slot is not None]
+        entries: list[tuple[int, int, int, bool]] = []  # (token, position, sequence id, logits?)
+        alone = len(self._seqs) == 1
+        prefilling = [seq for seq in running if not seq.decoding]
+        for seq in running:
+            if seq.decoding:  # the token sampled last step (and a prompt-lookup draft), all with logits
+                seq.draft = self._draft(seq) if alone and self._lookup else []
+                seq.rows = self._feed(seq, entries, [seq.next, *seq.draft], 0)
+        room = min(PREFILL_CHUNK if entries else self._capacity, self._capacity - len(entries))
+        for seq in prefilling:  # in arrival order; logits at the end of the prompt: the first sample
+            chunk = seq.prep.tokens[seq.fed : seq.fed + max(room, 0)]
+            seq.fed += len(chunk)
+            room -= len(chunk)
+            seq.rows = self._feed(seq, entries, chunk, len(chunk) - (seq.fed == len(seq.prep.tokens)))
+        self._decode(entries)
+        for seq in running:
+            if seq.rows:
+                try:
+                    self._sample(seq)
+                except Exception as exc:  # e.g. the JSON grammar rejected a token: this request only
+                    self._release(seq, _Failure(exc))
+
+    @staticmethod
+    def _feed(seq: _Sequence, entries: list, tokens: list[int], logits_from: int) -> range:
+        """Queue `tokens` after the sequence's cache, with logits for tokens[logits_from:]; returns
+        the batch rows of those logits."""
+        assert seq.slot is not None
+        slot, start = seq.slot, len(entries)
+        base = len(slot.cached)
+        entries += [(t, base + i, slot.seq_id, i >= logits_from) for i, t in enumerate(tokens)]
+        slot.cached += tokens
+        return range(start + logits_from, len(entries))
+
+    def _draft(self, seq: _Sequence) -> list[int]:
+        lookup = self._lookup
+        assert lookup is not None
+        room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
+        if room <= 0:
+            return []
+        draft = lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
+        seq.stats.drafted += len(draft)
+        return draft
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        batch = self._batch.batch
+        for j, (token, pos, seq_id, logits) in enumerate(entries):
+            batch.token[j], batch.pos[j], batch.logits[j] = token, pos, logits
+            batch.n_seq_id[j], batch.seq_id[j][0] = 1, seq_id
+        batch.n_tokens = len(entries)
+        code = llama_cpp.llama_decode(self.llm.ctx, batch)
+        if code == 1:  # no room in the KV cache: evict idle slots' prefix caches and try again
+            for slot in self._slots:
+                if not slot.busy:
+                    self._trim(slot, 0)
+            code = llama_cpp.llama_decode(self.llm.ctx, batch)
+        if code != 0:
+            raise EngineError(f"llama_decode returned {code}")
+
+    def _sample(self, seq: _Sequence) -> None:
+        """Sample the sequence's rows in turn: one token, or a verified run of its draft (the first
+        sample that differs from the draft ends it; the rest of the draft leaves the cache)."""
+        assert seq.slot is not None
+        prep, out, ctx = seq.prep, seq.output, self.llm._ctx
+        i, token = 0, -1
+        for i, row in enumerate(seq.rows):
+            if prep.constraint is not None:
+                prep.constraint.mask_llama_logits(self.llm, row)
+            if seq.argmax:
+                token = int(np.ctypeslib.as_array(ctx.get_logits_ith(row), shape=(self._vocab,)).argmax())
+            else:
+                token = seq.sampler.sample(ctx, row)
+            if prep.constraint is not None:
+                prep.constraint.accept(token)
+            self._count(1)
+            seq.history[seq.size], seq.size = token, seq.size + 1
+            logprobs = self._decoder.token_logprobs(row, token, prep.top_logprobs) if prep.logprobs else ()
+            self._outbox += [(seq.client, event) for event in out.push(token, logprobs)]
+            out.done = out.done or out.count >= prep.budget
+            if out.done or i >= len(seq.draft) or token != seq.draft[i]:
+                break
+            seq.stats.accepted += 1
+        self._trim(seq.slot, len(seq.slot.cached) - len(seq.rows) + 1 + i)  # unverified draft tokens
+        seq.next = token
+        if out.done:
+            events = out.finish(len(prep.tokens), seq.cached, seq.stats)
+            self._outbox += [(seq.client, event) for event in events]
+            self._release(seq)
