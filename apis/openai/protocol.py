@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from ..body import WireModel
 from ..errors import RequestError
@@ -89,18 +89,20 @@ def parts_text(value: Any, allowed: frozenset[str]) -> str:
 # ---- tools -----------------------------------------------------------------------------------
 
 
+def _function_name(v: str) -> str:
+    if not FUNCTION_NAME.match(v):
+        raise ValueError("must be 1-64 letters, digits, '_', '-' or '.'")
+    return v
+
+
+ValidName = Annotated[str, AfterValidator(_function_name)]  # function and schema names
+
+
 class FunctionDef(WireModel):
-    name: str
+    name: ValidName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not FUNCTION_NAME.match(v):
-            raise ValueError("must be 1-64 letters, digits, '_', '-' or '.'")
-        return v
 
 
 class Tool(WireModel):
@@ -179,17 +181,10 @@ class StreamOptions(WireModel):
 
 
 class JsonSchemaFormat(WireModel):
-    name: str
+    name: ValidName
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     description: str | None = None
     strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not FUNCTION_NAME.match(v):
-            raise ValueError("must be 1-64 letters, digits, '_', '-' or '.'")
-        return v
 
 
 class ResponseFormat(WireModel):
