@@ -1,32 +1,32 @@
 """Continuous batching for the llama.cpp engine (profile `max_concurrency = N > 1`).
 
-One llama_context holds N sequences in a unified KV cache (llamacpp_load.use_sequences); slot i
-owns sequence id i. The BatchScheduler runs as ONE job on the engine thread while it has work;
-with nothing left it returns, so the thread can run other jobs (unload). Each step it
+One llama_context holds N sequences, each in its own KV stream (llamacpp_load.use_sequences
+explains why not one unified cache); slot i owns sequence id i. The BatchScheduler runs as ONE job
+on the engine thread while it has work; with nothing left it returns, so the thread can run other
+jobs (unload). Each step it
   1. runs its inbox (thread-safe): new requests are prepared (errors reach only that request) and
      wait FIFO for a slot; `call()` jobs such as count_tokens run here, never behind the streams;
   2. drops cancelled sequences (a client that left is out within a step) and fills free slots;
-  3. builds ONE llama_batch: one token per decoding sequence plus at most PREFILL_CHUNK prompt
-     tokens of newly joined ones, so a long prompt is read over several steps while the running
-     streams keep producing a token per step; runs one llama_decode;
+  3. reads prompt chunks of newly joined sequences, at most PREFILL_SECONDS' worth (by the measured
+     prefill rate) while others decode, so a long prompt is read over several steps and running
+     streams wait ~0.1 s per step, not seconds (CPU prefill here: ~200 tokens/s); then ONE
+     llama_decode of one token per decoding sequence;
   4. samples each sequence from its own batch row with its own sampler chain, JSON constraint,
      logprobs, stop strings and OutputPipeline, and hands all events of the step to the event
      loop in one wake-up (each call_soon_threadsafe costs a pipe write).
 
-Prefix reuse, per sequence: a slot keeps the KV of its last request (finished or cancelled). A new
-request takes the free slot sharing the longest prompt prefix if that covers half its prompt (else
-the least recently used one), drops the rest of that sequence (llama_memory_seq_rm) and decodes
-only what differs: editors resend nearly the same prompt. The pool holds N full contexts, so kept
-caches never crowd out running sequences. Prompt lookup drafts only while a sequence is alone:
-with others in the batch the step is compute-bound and drafts would slow everyone down.
+Prefix reuse, per sequence: a slot keeps the KV of its last request (finished or cancelled); in
+its own stream it costs the others nothing. A new request takes the free slot sharing the longest
+prompt prefix if that covers half its prompt, drops the rest of that sequence
+(llama_memory_seq_rm) and decodes only what differs (editors resend nearly the same prompt). Else
+it takes the free slot that keeps the running sequence ids most contiguous (llama.cpp decodes one
+pass per run of consecutive ids), empty and least recently used first. Prompt lookup drafts only
+while a sequence is alone: with others in the batch, drafts would slow everyone down.
 
-Batched output: alone in the batch, a request gives exactly the max_concurrency = 1 output. In a
-batch, llama.cpp's CPU attention is not batch-invariant: the F16 KQ/KQV matmuls tile by batch rows
-(a row's result depends on its place in a tile of 4) and flash attention switches to a tiled kernel
-from 4 rows; the quantized matmuls are exact (the tiny model as Q4_1 or Q8_0 matches bit for bit at
-any batch size). Through SmolLM2's 30 layers of int8-quantized activations this moves logits by up
-to ~0.5, so greedy text can fork where the two best tokens nearly tie; the tiny 2-layer F32 model
-matches token for token (logprobs within ~1e-3).
+Batched output equals solo output: each sequence's attention runs over its own stream, the same
+kernels as alone, and the quantized matmuls are exact per row (SmolLM2 matches bit for bit; the
+tiny F32 model within ~1e-5 in logits, F32 matmul tiling). A unified cache would not give this:
+its F16 KQ/KQV matmuls tile across the batch rows, enough to fork SmolLM2's greedy text.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -46,12 +47,13 @@ from llama_cpp._internals import LlamaBatch
 
 from mlx_serve.profiles.schema import PromptLookup
 
+from . import llamacpp_decode as dec
 from .errors import EngineError, EngineNotLoadedError
-from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, common_prefix, lookup_draft, make_sampler
 from .types import Event, Finished
 
 T = TypeVar("T")
-PREFILL_CHUNK = 256  # prompt tokens per step while other sequences are decoding
+PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
+MIN_CHUNK = 16  # prompt tokens per step at least, however slow the machine
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 
 
@@ -68,12 +70,15 @@ class _Client:
     queue: asyncio.Queue[Any]
     cancelled: threading.Event
 
-    def send(self, item: Any) -> None:
-        """Hand one item over now (rare paths; steps batch theirs through BatchScheduler._flush)."""
+    def send(self, item: Any) -> None:  # now (rare paths; a step's events go through _flush)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is gone (process shutting down): stop producing
             self.cancelled.set()
+
+
+def _runs(ids: set[int]) -> int:  # runs of consecutive sequence ids: llama.cpp's passes per step
+    return sum(1 for i in ids if i - 1 not in ids)
 
 
 def _deliver(items: list[tuple[_Client, Any]]) -> None:
@@ -98,14 +103,12 @@ class _Slot:
 class _Sequence:
     """One request in the batch."""
 
-    def __init__(self, prep: Prepared, client: _Client) -> None:
+    def __init__(self, prep: dec.Prepared, client: _Client) -> None:
         self.prep, self.client, self.cancelled = prep, client, client.cancelled
-        self.sampler = make_sampler(prep.model.llm, prep.sampling)
-        s, penalties = prep.sampling, ("repetition_penalty", "presence_penalty", "frequency_penalty")
-        # Greedy without penalties: the first maximum, as llama.cpp's greedy sampler picks it, cheaper.
-        self.argmax = s["temperature"] <= 0 and tuple(s[p] for p in penalties) == (1, 0, 0)
-        self.output = Output(prep, prep.model.decoder)
-        self.stats = DraftStats()
+        self.sampler = dec.make_sampler(prep.model.llm, prep.sampling)
+        self.argmax = dec.plain_greedy(prep.sampling)  # the first maximum: what the sampler picks, cheaper
+        self.output = dec.Output(prep, prep.model.decoder)
+        self.stats = dec.DraftStats()
         self.slot: _Slot | None = None
         self.left = False  # finished, failed or cancelled: out of the batch
         self.cached = 0  # prompt tokens reused from the slot's KV
@@ -127,28 +130,25 @@ class BatchScheduler:
         self,
         thread: Any,  # worker.EngineThread
         llm: llama_cpp.Llama,
-        decoder: Decoder,
         lookup: PromptLookup | None,
-        count: Callable[[int], None],
+        count: Callable[[int], None],  # called with the number of tokens sampled
     ) -> None:
-        self._thread, self.llm, self._decoder, self._lookup, self._count = thread, llm, decoder, lookup, count
-        n_seq = llama_cpp.llama_n_seq_max(llm.ctx)
+        self._thread, self.llm, self._lookup, self._count = thread, llm, lookup, count
         self._capacity = llm.n_batch  # tokens per llama_decode (the context's n_batch)
         self._vocab = llm.n_vocab()
         self._batch = LlamaBatch(n_tokens=self._capacity, embd=0, n_seq_max=1, verbose=False)
-        self._slots = [_Slot(i) for i in range(n_seq)]
+        self._slots = [_Slot(i) for i in range(llama_cpp.llama_n_seq_max(llm.ctx))]
         self._seqs: list[_Sequence] = []  # in arrival order; those without a slot are waiting
         self._inbox: deque[_Job] = deque()
         self._lock = threading.Lock()
-        self._active = False  # a _run job is queued or running on the engine thread
-        self._closed = False
-        self._steps = 0
+        self._active, self._closed, self._steps = False, False, 0  # active: a _run job is queued or running
+        self._prefill_rate = 640.0  # prompt tokens per second, measured (a first guess: 64 per step)
         self._tasks: set[asyncio.Future[None]] = set()
         self._outbox: list[tuple[_Client, Any]] = []  # events of this step, handed over by _flush
 
     # ---- the asyncio side --------------------------------------------------------------------
 
-    async def stream(self, prepare: Callable[[], Prepared]) -> AsyncIterator[Event]:
+    async def stream(self, prepare: Callable[[], dec.Prepared]) -> AsyncIterator[Event]:
         """Events of one request; `prepare` runs on the engine thread (its errors are raised here
         before any event). Closing the iterator cancels the request at the next step."""
         client = _Client(asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
@@ -194,9 +194,7 @@ class BatchScheduler:
         if exc is None:  # _run never raises: an error means the job never ran (thread closed)
             return
         with self._lock:
-            self._active = False
-            jobs = list(self._inbox)
-            self._inbox.clear()
+            self._active, jobs, self._inbox = False, self._inbox, deque()
         for job in jobs:
             job.fail(exc)
 
@@ -214,13 +212,9 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._lock:
-                jobs = list(self._inbox)
-                self._inbox.clear()
-            for job in jobs:
-                if self._closed:
-                    job.fail(EngineNotLoadedError("the model was unloaded"))
-                else:
-                    job.run()
+                jobs, self._inbox = self._inbox, deque()
+            for job in jobs:  # after close(), nothing runs: the model is gone
+                job.fail(EngineNotLoadedError("the model was unloaded")) if self._closed else job.run()
             for seq in self._seqs:
                 if seq.cancelled.is_set():  # its KV stays in its slot for prefix reuse
                     self._release(seq)
@@ -261,7 +255,7 @@ class BatchScheduler:
                 for client, _ in items:
                     client.cancelled.set()
 
-    def _admit(self, prepare: Callable[[], Prepared], client: _Client) -> None:
+    def _admit(self, prepare: Callable[[], dec.Prepared], client: _Client) -> None:
         try:
             prep = prepare()
             if prep.model.llm is not self.llm:
@@ -272,16 +266,17 @@ class BatchScheduler:
 
     def _assign(self, seq: _Sequence) -> bool:
         """Give `seq` the free slot sharing the longest prompt prefix if that covers at least half
-        the prompt (llama.cpp server's rule), else the least recently used one (empty ones first),
-        so a request that shares only a BOS or a short system prompt does not evict a long cache."""
+        the prompt (llama.cpp server's rule: sharing a BOS or a short system prompt is not worth
+        evicting a long cache), else the one keeping the running ids contiguous (module doc)."""
         free = [slot for slot in self._slots if not slot.busy]
         if not free:
             return False
         prompt = seq.prep.tokens
-        shared = {id(slot): common_prefix(slot.cached, prompt) for slot in free}
+        shared = {id(slot): dec.common_prefix(slot.cached, prompt) for slot in free}
         slot = max(free, key=lambda s: shared[id(s)])
         if 2 * shared[id(slot)] < len(prompt):
-            slot = min(free, key=lambda s: (bool(s.cached), s.released))
+            busy = {s.seq_id for s in self._slots if s.busy}
+            slot = min(free, key=lambda s: (_runs(busy | {s.seq_id}), bool(s.cached), s.released))
         keep = min(shared[id(slot)], len(prompt) - 1)  # decode at least one token: fresh logits
         self._trim(slot, keep)
         slot.busy, seq.slot, seq.cached, seq.fed = True, slot, len(slot.cached), len(slot.cached)
@@ -309,39 +304,46 @@ class BatchScheduler:
             seq.slot.busy, seq.slot.released, seq.slot = False, self._steps, None
 
     def _step(self) -> None:
+        """Prompt chunks of newly joined sequences, one llama_decode each, so a prompt is read in
+        the pieces it is read in alone (llama.cpp splits a mixed batch per sequence anyway); then
+        one llama_decode for every decoding sequence: its last token (and a draft when alone)."""
         self._steps += 1
         running = [seq for seq in self._seqs if seq.slot is not None]
-        entries: list[tuple[int, int, int, bool]] = []  # (token, position, sequence id, logits?)
+        decoding = [seq for seq in running if seq.decoding]
+        room = max(MIN_CHUNK, int(self._prefill_rate * PREFILL_SECONDS)) if decoding else self._capacity
+        for seq in [seq for seq in running if not seq.decoding]:  # in arrival order
+            if room > 0:
+                start = time.perf_counter()
+                chunk = seq.prep.tokens[seq.fed : seq.fed + min(room, self._capacity)]
+                seq.fed, room = seq.fed + len(chunk), room - len(chunk)
+                done = seq.fed == len(seq.prep.tokens)  # logits at the end of the prompt: first sample
+                self._batch_of({seq: chunk}, len(chunk) - 1 if done else len(chunk))
+                if len(chunk) >= MIN_CHUNK:
+                    rate = len(chunk) / max(time.perf_counter() - start, 1e-6)
+                    self._prefill_rate = (self._prefill_rate + rate) / 2
         alone = len(self._seqs) == 1
-        prefilling = [seq for seq in running if not seq.decoding]
-        for seq in running:
-            if seq.decoding:  # the token sampled last step (and a prompt-lookup draft), all with logits
-                seq.draft = self._draft(seq) if alone and self._lookup else []
-                seq.rows = self._feed(seq, entries, [seq.next, *seq.draft], 0)
-        room = min(PREFILL_CHUNK if entries else self._capacity, self._capacity - len(entries))
-        for seq in prefilling:  # in arrival order; logits at the end of the prompt: the first sample
-            chunk = seq.prep.tokens[seq.fed : seq.fed + max(room, 0)]
-            seq.fed += len(chunk)
-            room -= len(chunk)
-            seq.rows = self._feed(seq, entries, chunk, len(chunk) - (seq.fed == len(seq.prep.tokens)))
+        for seq in decoding:
+            seq.draft = self._draft(seq) if alone and self._lookup else []
+        if decoding:
+            self._batch_of({seq: [seq.next, *seq.draft] for seq in decoding}, 0)
+
+    def _batch_of(self, tokens: dict[_Sequence, list[int]], logits_from: int) -> None:
+        """Decode each sequence's tokens after its cache in one llama_decode, with logits for
+        tokens[logits_from:], then sample the sequences that have some."""
+        entries: list[tuple[int, int, int, bool]] = []  # (token, position, sequence id, logits?)
+        for seq, toks in tokens.items():
+            assert seq.slot is not None
+            slot, start, base = seq.slot, len(entries), len(seq.slot.cached)
+            entries += [(t, base + i, slot.seq_id, i >= logits_from) for i, t in enumerate(toks)]
+            slot.cached += toks
+            seq.rows = range(start + logits_from, len(entries))  # the batch rows of its logits
         self._decode(entries)
-        for seq in running:
+        for seq in tokens:
             if seq.rows:
                 try:
                     self._sample(seq)
                 except Exception as exc:  # e.g. the JSON grammar rejected a token: this request only
                     self._release(seq, _Failure(exc))
-
-    @staticmethod
-    def _feed(seq: _Sequence, entries: list, tokens: list[int], logits_from: int) -> range:
-        """Queue `tokens` after the sequence's cache, with logits for tokens[logits_from:]; returns
-        the batch rows of those logits."""
-        assert seq.slot is not None
-        slot, start = seq.slot, len(entries)
-        base = len(slot.cached)
-        entries += [(t, base + i, slot.seq_id, i >= logits_from) for i, t in enumerate(tokens)]
-        slot.cached += tokens
-        return range(start + logits_from, len(entries))
 
     def _draft(self, seq: _Sequence) -> list[int]:
         lookup = self._lookup
@@ -349,7 +351,7 @@ class BatchScheduler:
         room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
         if room <= 0:
             return []
-        draft = lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
+        draft = dec.lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
         seq.stats.drafted += len(draft)
         return draft
 
@@ -360,11 +362,6 @@ class BatchScheduler:
             batch.n_seq_id[j], batch.seq_id[j][0] = 1, seq_id
         batch.n_tokens = len(entries)
         code = llama_cpp.llama_decode(self.llm.ctx, batch)
-        if code == 1:  # no room in the KV cache: evict idle slots' prefix caches and try again
-            for slot in self._slots:
-                if not slot.busy:
-                    self._trim(slot, 0)
-            code = llama_cpp.llama_decode(self.llm.ctx, batch)
         if code != 0:
             raise EngineError(f"llama_decode returned {code}")
 
@@ -385,8 +382,9 @@ class BatchScheduler:
                 prep.constraint.accept(token)
             self._count(1)
             seq.history[seq.size], seq.size = token, seq.size + 1
-            logprobs = self._decoder.token_logprobs(row, token, prep.top_logprobs) if prep.logprobs else ()
-            self._outbox += [(seq.client, event) for event in out.push(token, logprobs)]
+            top, decoder = prep.top_logprobs, prep.model.decoder
+            events = out.push(token, decoder.token_logprobs(row, token, top) if prep.logprobs else ())
+            self._outbox += [(seq.client, event) for event in events]
             out.done = out.done or out.count >= prep.budget
             if out.done or i >= len(seq.draft) or token != seq.draft[i]:
                 break

@@ -213,6 +213,12 @@ def make_sampler(llm: llama_cpp.Llama, s: dict[str, Any]) -> LlamaSampler:
     return sampler
 
 
+def plain_greedy(s: dict[str, Any]) -> bool:
+    """Greedy without penalties: the chain of make_sampler picks the first maximum of the logits."""
+    penalties = (s["repetition_penalty"], s["presence_penalty"], s["frequency_penalty"])
+    return s["temperature"] <= 0 and penalties == (1, 0, 0)
+
+
 def decode(llm: llama_cpp.Llama, tokens: list[int], all_logits: bool) -> None:
     """Decode tokens after the cache in batches; logits for the last token (or all, for drafts)."""
     for start in range(0, len(tokens), llm.n_batch):

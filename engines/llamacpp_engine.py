@@ -110,7 +110,7 @@ class LlamaCppEngine:
                 raise
             if sequences(self.spec) > 1:  # load_llama made the context hold that many sequences
                 lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
-                batch = BatchScheduler(thread, model.llm, model.decoder, lookup, self._count)
+                batch = BatchScheduler(thread, model.llm, lookup, self._count)
                 model = dataclasses.replace(model, batch=batch)
             self._thread, self._model = thread, model
 
