@@ -81,7 +81,7 @@ async def metrics_middleware(request: web.Request, handler):
         return response
     finally:
         metrics = request.app[METRICS]
-        endpoint = endpoint_of(request)
+        endpoint = _endpoint_label(request)
         dialect = _metrics_dialect(request, endpoint)
         # A handler cancelled by a client disconnect has no response: count it as 499 (nginx's "client closed").
         status = response.status if response is not None else 499
@@ -92,11 +92,22 @@ async def metrics_middleware(request: web.Request, handler):
 _DAEMON_ROUTES = ("/health", "/ready", "/status", "/reload", "/keys/", "/metrics")
 
 
+def _current_metrics_path(request: web.Request) -> str:
+    profile = request.app[STATE].profile
+    return profile.metrics.path if profile else "/metrics"
+
+
+def _endpoint_label(request: web.Request) -> str:
+    """The route template; the metrics path is served by a middleware, not a route, so name it here."""
+    endpoint = endpoint_of(request)
+    if endpoint == "unmatched" and request.path == _current_metrics_path(request):
+        return request.path
+    return endpoint
+
+
 def _metrics_dialect(request: web.Request, endpoint: str) -> str:
     """The dialect label; the daemon's own endpoints (and scrapes) are "daemon", not OpenAI traffic."""
-    profile = request.app[STATE].profile
-    metrics_path = profile.metrics.path if profile else "/metrics"
-    if endpoint == metrics_path or endpoint.startswith(_DAEMON_ROUTES):
+    if endpoint == _current_metrics_path(request) or endpoint.startswith(_DAEMON_ROUTES):
         return "daemon"
     return dialect_for_path(request.path, _prefix(request))
 
@@ -105,6 +116,25 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus exposition; never loads a model."""
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def serves_metrics_here(profile) -> bool:
+    """Whether the main listener answers the metrics path (not disabled, not on its own listener)."""
+    return profile is None or (profile.metrics.enabled and profile.metrics.listen is None)
+
+
+@web.middleware
+async def metrics_route_middleware(request: web.Request, handler):
+    """Serve /metrics from the live profile, so [metrics] enabled/path/listen apply without a restart.
+
+    Innermost, after auth: the metrics path keeps its loopback exemption and nothing else changes.
+    """
+    profile = request.app[STATE].profile
+    if request.path == _current_metrics_path(request) and serves_metrics_here(profile):
+        if request.method not in ("GET", "HEAD"):
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+        return await metrics_endpoint(request)
+    return await handler(request)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -151,6 +181,7 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
             metrics_middleware,
             errors_middleware,
             auth_middleware,
+            metrics_route_middleware,
         ],
         client_max_size=limits.max_body_bytes if limits else 16 * 1024 * 1024,
     )
@@ -164,17 +195,22 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
     setup_auth(app, state, metrics)  # the key set loads in app startup; /keys/refresh, /keys/status
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    if profile is None or (profile.metrics.enabled and profile.metrics.listen is None):
-        app.router.add_get(profile.metrics.path if profile else "/metrics", metrics_endpoint)
     add_dialect_routes(app, profile)
     return app
 
 
-def create_metrics_app(metrics: Metrics, path: str) -> web.Application:
-    """The separate metrics listener ([metrics] listen = "host:port")."""
+def create_metrics_app(metrics: Metrics, state: DaemonState) -> web.Application:
+    """The separate metrics listener ([metrics] listen = "host:port"); the path follows the profile."""
+
+    async def metrics_only(request: web.Request) -> web.Response:
+        profile = state.profile
+        if profile is not None and request.path == profile.metrics.path:
+            return await metrics_endpoint(request)
+        raise web.HTTPNotFound()
+
     app = web.Application()
     app[METRICS] = metrics
-    app.router.add_get(path, metrics_endpoint)
+    app.router.add_get("/{tail:.*}", metrics_only)
     return app
 
 

@@ -49,6 +49,11 @@ class Listener:
             raise
         return opened
 
+    async def stop(self) -> None:
+        for site in self._sites:
+            await site.stop()
+        self._sites = []
+
     async def move_to(self, address: Address) -> bool:
         """Listen on `address` instead; on failure keep the current sockets and say why."""
         if address == self.address or self.pinned:
@@ -63,3 +68,52 @@ class Listener:
         log.info("listener moved from %s to %s", self.address, address)
         self._sites, self.address = new_sites, address
         return True
+
+
+class MetricsListener:
+    """The optional separate metrics socket ([metrics] listen), opened, moved or closed on reload."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self._runner = runner
+        self._listener: Listener | None = None
+
+    @property
+    def address(self) -> Address | None:
+        return self._listener.address if self._listener else None
+
+    async def follow(self, listen: str | None, *, strict: bool = False) -> None:
+        """Match the socket to `listen` ("host:port", or None for no separate listener).
+
+        At start (`strict`) a port that cannot be bound is fatal; on a reload it is logged and the
+        daemon keeps serving.
+        """
+        wanted = parse_listen(listen) if listen else None
+        if wanted == self.address:
+            return
+        if wanted is None:
+            await self.close()
+            log.info("separate metrics listener closed")
+            return
+        if self._listener is None:
+            listener = Listener(self._runner, wanted)
+            try:
+                await listener.start()
+            except OSError as exc:
+                if strict:
+                    raise
+                log.error("cannot open the metrics listener on %s (%s)", wanted, exc)
+                return
+            self._listener = listener
+            log.info("metrics listener on %s", wanted)
+        else:
+            await self._listener.move_to(wanted)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
+
+
+def parse_listen(listen: str) -> Address:
+    host, _, port = listen.rpartition(":")
+    return Address(host.strip("[]"), int(port))

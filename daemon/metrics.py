@@ -263,7 +263,11 @@ class _StateCollector(Collector):
         failed = GaugeMetricFamily(
             "mlx_serve_model_failed", "1 if the model's last load failed", labels=["model"]
         )
-        memory = GaugeMetricFamily("mlx_serve_model_memory_bytes", "Weights plus KV cache", labels=["model"])
+        memory = GaugeMetricFamily(
+            "mlx_serve_model_memory_bytes",
+            "Memory a model holds, by kind: weights or kv_cache (prefix caches included)",
+            labels=["model", "kind"],
+        )
         running = GaugeMetricFamily("mlx_serve_requests_running", "Requests generating", labels=["model"])
         waiting = GaugeMetricFamily(
             "mlx_serve_requests_waiting", "Requests queued or waiting for a load", labels=["model"]
@@ -273,7 +277,8 @@ class _StateCollector(Collector):
                 [slot.model_id, engine_kind(slot.spec)], 1 if slot.state == SlotState.LOADED else 0
             )
             failed.add_metric([slot.model_id], 1 if slot.state == SlotState.FAILED else 0)
-            memory.add_metric([slot.model_id], slot.memory_bytes())
+            for kind, size in slot.memory_breakdown().items():
+                memory.add_metric([slot.model_id, kind], size)
             running.add_metric([slot.model_id], slot.active)
             waiting.add_metric([slot.model_id], slot.waiting)
         yield from (loaded, failed, memory, running, waiting)

@@ -20,7 +20,7 @@ from mlx_serve.profiles.schema import Profile
 from .admin import add_admin_routes
 from .app import create_app, create_metrics_app
 from .auth import VERIFIER, unauthenticated_network_problem
-from .listener import Address, Listener
+from .listener import Address, Listener, MetricsListener
 from .metrics import Metrics
 from .registry import Registry
 from .reloader import Reloader
@@ -80,7 +80,11 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     listener = Listener(runner, address, pinned)
     await listener.start()
     reloader.listeners.append(lambda result: _follow_address(state, listener, result))
-    metrics_runner = await _start_metrics_listener(profile, metrics)
+    metrics_runner = web.AppRunner(create_metrics_app(metrics, state), access_log=None)
+    await metrics_runner.setup()
+    metrics_listener = MetricsListener(metrics_runner)
+    await metrics_listener.follow(_metrics_listen(state.profile), strict=True)
+    reloader.listeners.append(lambda result: _follow_metrics(state, metrics_listener, result))
     log.info("mlx-serve %d listening on %s (profile: %s)", os.getpid(), address, state.profile_label)
     registry.preload()
     reloader.start()
@@ -105,8 +109,7 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     # Generations still running when 85% of the budget is spent end with a proper final event.
     registry.begin_drain(profile.server.drain_timeout * 0.85)
     await runner.cleanup()  # stops accepting, waits for in-flight requests up to drain_timeout
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
+    await metrics_runner.cleanup()
     await registry.shutdown()
     log.info("stopped")
     return 0
@@ -122,12 +125,13 @@ def _follow_address(state: DaemonState, listener: Listener, result: str) -> None
         asyncio.get_running_loop().create_task(listener.move_to(wanted))
 
 
-async def _start_metrics_listener(profile: Profile, metrics: Metrics) -> web.AppRunner | None:
-    if not profile.metrics.enabled or profile.metrics.listen is None:
+def _metrics_listen(profile: Profile | None) -> str | None:
+    if profile is None or not profile.metrics.enabled:
         return None
-    host, _, port = profile.metrics.listen.rpartition(":")
-    runner = web.AppRunner(create_metrics_app(metrics, profile.metrics.path), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-    log.info("metrics on http://%s%s", profile.metrics.listen, profile.metrics.path)
-    return runner
+    return profile.metrics.listen
+
+
+def _follow_metrics(state: DaemonState, metrics_listener: MetricsListener, result: str) -> None:
+    """After a successful reload, open, move or close the separate metrics listener."""
+    if result == "success" and state.profile is not None:
+        asyncio.get_running_loop().create_task(metrics_listener.follow(_metrics_listen(state.profile)))

@@ -62,12 +62,16 @@ class Slot:
         return self.spec.ttl_seconds if self.keep_alive == "default" else self.keep_alive  # type: ignore[return-value]
 
     def memory_bytes(self) -> int:
+        return sum(self.memory_breakdown().values())
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """{"weights": bytes, "kv_cache": bytes}; zeros when not loaded (or the engine cannot say)."""
         if self.engine is None or self.state != SlotState.LOADED:
-            return 0
+            return {"weights": 0, "kv_cache": 0}
         try:
-            return int(self.engine.memory_bytes())
+            return {kind: int(n) for kind, n in self.engine.memory_breakdown().items()}
         except Exception:
-            return 0
+            return {"weights": 0, "kv_cache": 0}
 
     async def wait_idle(self) -> None:
         while self.busy:

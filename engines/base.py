@@ -24,6 +24,9 @@ class Engine(Protocol):
     def memory_bytes(self) -> int:
         """Weights plus KV cache currently held, in bytes."""
 
+    def memory_breakdown(self) -> dict[str, int]:
+        """memory_bytes() split by kind: {"weights": ..., "kv_cache": ...} (prefix caches count as KV)."""
+
     async def count_tokens(self, request: GenerationRequest) -> int:
         """Exact prompt token count after templating, as generate() would see it."""
 

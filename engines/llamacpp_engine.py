@@ -209,11 +209,17 @@ class LlamaCppEngine:
 
     def memory_bytes(self) -> int:
         """Weights (file size) + the KV cache for n_ctx; 0 when not loaded."""
+        return sum(self.memory_breakdown().values())
+
+    def memory_breakdown(self) -> dict[str, int]:
         model = self._model
         if model is None:
-            return 0
+            return {"weights": 0, "kv_cache": 0}
         bits = self.spec.kv_cache.bits if self.spec.kv_cache else None
-        return model.header.file_size + kv_cache_bytes(model.header, model.llm.n_ctx(), bits)
+        return {
+            "weights": model.header.file_size,
+            "kv_cache": kv_cache_bytes(model.header, model.llm.n_ctx(), bits),
+        }
 
     # ---- prompts ---------------------------------------------------------------------------
 

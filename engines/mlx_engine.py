@@ -235,8 +235,13 @@ class MLXEngine:
         return self._info
 
     def memory_bytes(self) -> int:
+        return sum(self.memory_breakdown().values())
+
+    def memory_breakdown(self) -> dict[str, int]:
         loaded = self._loaded
-        return 0 if loaded is None else loaded.weights_bytes + loaded.kv_bytes
+        if loaded is None:
+            return {"weights": 0, "kv_cache": 0}
+        return {"weights": loaded.weights_bytes, "kv_cache": loaded.kv_bytes}
 
     async def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's exact token count, also when it would not fit the context."""

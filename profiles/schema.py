@@ -111,6 +111,9 @@ class PromptLookup(_Strict):
     max_ngram: Annotated[int, Field(ge=1, le=16)] = 3
     min_ngram: Annotated[int, Field(ge=1, le=16)] = 1
     num_pred_tokens: Annotated[int, Field(ge=1, le=64)] = 10
+    # Adaptive gate: a request whose drafts are accepted less often than this stops drafting for a
+    # while (then probes again), so novel text pays almost nothing for speculation. 0 = always draft.
+    min_acceptance: Annotated[float, Field(ge=0, le=1)] = 0.3
 
     @model_validator(mode="after")
     def _order(self) -> PromptLookup:
@@ -142,6 +145,28 @@ class Sampling(_Strict):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
+class PrefixCache(_Strict):
+    """KV caches of earlier prompts kept for reuse: several prefixes per model, least recently used
+    out first, bounded in bytes and counted in the model's memory (and so in the memory budget)."""
+
+    enabled: bool = True
+    max_bytes: str | int = "512MiB"
+    min_tokens: Annotated[int, Field(ge=1)] = 32  # shorter prompts are cheaper to recompute than to keep
+    persist: bool = False  # also keep hot prefixes on disk (~/.mlx-serve/cache/kv/) across restarts
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _size(cls, v: str | int) -> str | int:
+        if isinstance(v, str) and v.strip().endswith("%"):
+            raise ValueError("must be an absolute size like '512MiB'")
+        parse_size(v, total=1)
+        return v
+
+    @property
+    def max_bytes_value(self) -> int:
+        return parse_size(self.max_bytes, total=1)
+
+
 Engine = Literal["auto", "mlx", "llama_cpp"]
 Quantize = Literal["q4", "q8", "mixed_4_6", "mixed_3_6", "none"]
 Duration = int | float | str
@@ -161,6 +186,7 @@ class ModelSettings(_Strict):
     threads: Annotated[int, Field(ge=1, le=512)] | None = None
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1
     flash_attn: bool = False
+    prefix_cache: PrefixCache = PrefixCache()
 
     @field_validator("ttl")
     @classmethod
@@ -193,7 +219,7 @@ class ModelSpec(ModelSettings):
     LOAD_FIELDS: ClassVar[tuple[str, ...]] = (
         "source", "revision", "gguf_quant", "engine", "quantize", "group_size", "context_length",
         "kv_cache", "speculative", "threads", "n_gpu_layers", "flash_attn", "embedding",
-        "chat_template", "max_concurrency",
+        "chat_template", "max_concurrency", "prefix_cache",
     )  # fmt: skip
 
     def load_key(self) -> dict[str, Any]:

@@ -324,6 +324,8 @@ def test_the_traffic_moved_the_counters(stack: Stack) -> None:
         assert sample(text, "mlx_serve_generation_tokens_total", model=model) > 0
         assert sample(text, "mlx_serve_model_loads_total", model=model) == 2  # reloaded in round 2
     assert sample(text, "mlx_serve_prompt_tokens_cached_total", model="tiny") > 0  # prefix reuse
+    for kind in ("weights", "kv_cache"):  # loaded models report both parts of their memory
+        assert sample(text, "mlx_serve_model_memory_bytes", model="smol", kind=kind) > 0
     assert sample(text, "mlx_serve_speculative_drafted_tokens_total", model="smol") > 0
     assert sample(text, "mlx_serve_speculative_accepted_tokens_total", model="smol") > 0
     assert sample(text, "mlx_serve_model_unloads_total", model="tiny", reason="manual") == 1

@@ -217,6 +217,38 @@ def test_port_change_moves_the_listener_without_dropping_a_stream(tmp_path, tiny
         daemon.stop()
 
 
+def test_metrics_settings_apply_live(start_daemon, tiny_gguf) -> None:
+    from mlx_serve_test_harness import free_port
+
+    daemon = start_daemon({"a": tiny(tiny_gguf)})
+    assert httpx.get(f"{daemon.url}/metrics").status_code == 200
+
+    def reload_to(**metrics) -> None:
+        before = health(daemon)["profile"]["sha256"]
+        daemon.profile.write_text(profile_text({"a": tiny(tiny_gguf)}, metrics=metrics))
+        wait_for(lambda: health(daemon)["profile"]["sha256"] != before)
+
+    def scrape(url: str) -> int:
+        try:
+            return httpx.get(url, timeout=5).status_code
+        except httpx.ConnectError:
+            return 0
+
+    reload_to(path="/prom")
+    assert scrape(f"{daemon.url}/prom") == 200 and scrape(f"{daemon.url}/metrics") == 404
+    reload_to(enabled=False, path="/prom")
+    assert scrape(f"{daemon.url}/prom") == 404
+    port = free_port()
+    reload_to(listen=f"127.0.0.1:{port}")
+    separate = f"http://127.0.0.1:{port}/metrics"
+    wait_for(lambda: scrape(separate) == 200)
+    assert "mlx_serve_requests_total" in httpx.get(separate).text
+    assert scrape(f"{daemon.url}/metrics") == 404  # only on its own listener now
+    reload_to()
+    wait_for(lambda: scrape(separate) == 0)
+    assert scrape(f"{daemon.url}/metrics") == 200
+
+
 # ---- registry behaviour on a real engine --------------------------------------------------------
 
 
