@@ -110,7 +110,9 @@ def error_body(dialect: str, info: ErrorInfo) -> dict:
             "message": info.message,
             "type": _OPENAI_TYPES.get(info.kind, "server_error"),
             "param": info.param,
-            "code": _OPENAI_CODES.get(info.kind, info.kind if info.status < 500 and info.kind != "no_route" else None),
+            "code": _OPENAI_CODES.get(
+                info.kind, info.kind if info.status < 500 and info.kind != "no_route" else None
+            ),
         }
     }
 

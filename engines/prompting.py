@@ -60,7 +60,9 @@ def _raise(message: str) -> None:
 
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -69,7 +71,10 @@ def _compile(source: str) -> jinja2.Template:
 
 def _tool_dicts(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
     return [
-        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
         for t in tools
     ]
 
@@ -85,7 +90,11 @@ def _message_dict(message: Message, template_has_tools: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         calls = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
             for c in message.tool_calls
         ]
         if template_has_tools:
@@ -144,7 +153,9 @@ def check_template(template: ChatTemplate) -> None:
     render_chat(template, (Message("system", "probe"), Message("user", "probe")))
 
 
-def tool_format_for(template: ChatTemplate | None, model_hint: str, tools_requested: bool) -> ToolFormat | None:
+def tool_format_for(
+    template: ChatTemplate | None, model_hint: str, tools_requested: bool
+) -> ToolFormat | None:
     """The format to parse tool calls in; Hermes when we injected our own tool prompt."""
     if not tools_requested:
         return None

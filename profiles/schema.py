@@ -302,7 +302,10 @@ def _spec_problems(mid: str, spec: ModelSpec, models: dict[str, ModelSpec]):
     if spec.engine == "llama_cpp" and not spec.is_gguf:
         yield f"{base}.engine", "llama_cpp needs a GGUF source (a .gguf file or a repo with gguf_quant)"
     if spec.kv_cache and spec.kv_cache.bits and spec.kv_cache.max_size and spec.engine != "llama_cpp":
-        yield f"{base}.kv_cache.max_size", "MLX cannot quantize a size-bounded (rotating) KV cache; drop bits or max_size"
+        yield (
+            f"{base}.kv_cache.max_size",
+            "MLX cannot quantize a size-bounded (rotating) KV cache; drop bits or max_size",
+        )
     if spec.kv_cache and spec.kv_cache.start and spec.engine == "llama_cpp":
         yield f"{base}.kv_cache.start", "llama.cpp quantizes the whole KV cache; start applies to MLX only"
     if spec.speculative and spec.speculative.draft_model is not None:

@@ -18,7 +18,18 @@ ROOT = Path(__file__).parents[1]
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
         timeout=300,
     )
@@ -55,7 +66,9 @@ def test_installed_wheel_imports_mlx_serve_but_not_daemon(wheel: Path, tmp_path:
         "print(importlib.util.find_spec('daemon'));"
         "print('[models.' in r.files('mlx_serve.profiles').joinpath('examples/default.toml').read_text())"
     )
-    result = subprocess.run([str(python), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [str(python), "-I", "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     module_file, daemon_spec, has_default = result.stdout.split()
     assert module_file.startswith(str(env_dir)) and module_file.endswith("mlx_serve/daemon/__init__.py")
