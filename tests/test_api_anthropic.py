@@ -870,3 +870,42 @@ def test_client_leaving_a_plain_request_cancels_it(daemon) -> None:
     while _active(daemon, "tiny") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _active(daemon, "tiny") == 0
+
+
+# ---- Claude Code's billing header (prompt normalization) ------------------------------------
+
+
+def billing_block(nonce: str) -> dict:
+    return {
+        "type": "text",
+        "text": f"x-anthropic-billing-header: cc_version=2.1.100.{nonce[:3]}; cc_entrypoint=cli; cch={nonce};",
+    }
+
+
+def test_the_billing_header_line_is_all_that_normalization_removes() -> None:
+    system = [billing_block("eb6c6"), {"type": "text", "text": "You are Claude Code."}]
+    request = to_generation(validate(MessagesBody, body(system=system)))
+    assert request.messages[0] == Message("system", "You are Claude Code.")
+    inline = f"{billing_block('0aaa9')['text']}\nYou are Claude Code."
+    request = to_generation(validate(MessagesBody, body(system=inline)))
+    assert request.messages[0] == Message("system", "You are Claude Code.")
+    # only a leading header is billing metadata; the same words elsewhere are the user's text
+    quoted = "Explain this line:\nx-anthropic-billing-header: cch=1;"
+    request = to_generation(validate(MessagesBody, body(system=quoted)))
+    assert request.messages[0] == Message("system", quoted)
+    request = to_generation(validate(MessagesBody, body(system=[billing_block("12345")])))
+    assert request.messages[0].role == "user"  # a header alone leaves no system message
+
+
+def test_a_changing_billing_header_does_not_defeat_the_prefix_cache(client: anthropic.Anthropic) -> None:
+    system_prompt = "You are a careful assistant. " * 40  # a long, stable system prompt
+    replies = []
+    for nonce in ("36ee5", "0aaa9"):
+        system = [billing_block(nonce), {"type": "text", "text": system_prompt}]
+        replies.append(
+            client.messages.create(
+                model="smol", max_tokens=4, system=system, messages=CAPITAL, extra_body=GREEDY
+            )
+        )
+    assert replies[1].usage.cache_read_input_tokens >= 200  # the whole system prompt was reused
+    assert total_input(replies[0]) == total_input(replies[1])  # both saw the same prompt

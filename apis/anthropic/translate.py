@@ -29,6 +29,7 @@ from mlx_serve.engines.types import (
     Usage,
 )
 
+from .normalize import system_texts
 from .protocol import (
     CountTokensBody,
     MessageParam,
@@ -64,8 +65,8 @@ def new_message_id() -> str:
 def to_generation(body: CountTokensBody) -> GenerationRequest:
     """The internal request; count_tokens and messages build it the same way, so counts are exact."""
     messages: list[Message] = []
-    if body.system:
-        messages.append(Message("system", "\n\n".join(b.text for b in body.system)))
+    if system := system_texts(body.system or []):
+        messages.append(Message("system", "\n\n".join(system)))
     # tool_use id -> tool name from the previous assistant turn (consecutive messages of one role
     # form one turn, as Anthropic merges them)
     previous_calls: dict[str, str] = {}
