@@ -20,10 +20,12 @@ from .metrics import Metrics, endpoint_of, status_class
 from .registry import Registry
 from .state import DaemonState
 from .status import models_status
+from .warmup import EngineWarmup
 
 log = logging.getLogger("mlx_serve.app")
 STATE = web.AppKey("state", DaemonState)
 METRICS = web.AppKey("metrics", Metrics)
+WARMUP = web.AppKey("warmup", EngineWarmup)
 _HTTP_KINDS = {
     401: "authentication",
     403: "permission",
@@ -160,6 +162,8 @@ async def ready(request: web.Request) -> web.Response:
         problems.append("profile is invalid")
     if registry.preloads_pending:
         problems.append("preload models are still loading")
+    if not request.app[WARMUP].done.is_set():
+        problems.append("engine libraries are still being imported")
     body = {
         "ready": not problems,
         "problems": problems,
@@ -188,6 +192,7 @@ def create_app(state: DaemonState, registry: Registry, metrics: Metrics) -> web.
     app[STATE] = state
     app[REGISTRY] = registry
     app[METRICS] = metrics
+    app[WARMUP] = EngineWarmup()
     app[GENERATION_OBSERVERS] = [metrics.on_generation]
     app[RESPONSE_STORE] = {}
     app[FIM_TASKS] = {}

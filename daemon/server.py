@@ -18,7 +18,7 @@ from mlx_serve.profiles.loader import ProfileError, load_profile
 from mlx_serve.profiles.schema import Profile
 
 from .admin import add_admin_routes
-from .app import create_app, create_metrics_app
+from .app import WARMUP, create_app, create_metrics_app
 from .auth import VERIFIER, unauthenticated_network_problem
 from .listener import Address, Listener, MetricsListener
 from .metrics import Metrics
@@ -86,6 +86,8 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     await metrics_listener.follow(_metrics_listen(state.profile), strict=True)
     reloader.listeners.append(lambda result: _follow_metrics(state, metrics_listener, result))
     log.info("mlx-serve %d listening on %s (profile: %s)", os.getpid(), address, state.profile_label)
+    app[WARMUP].start(state.profile)  # after the listener: /health answers while libraries import
+    reloader.listeners.append(lambda result: app[WARMUP].start(state.profile) if result == "success" else None)
     registry.preload()
     reloader.start()
 

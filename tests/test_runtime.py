@@ -249,6 +249,13 @@ def test_metrics_settings_apply_live(start_daemon, tiny_gguf) -> None:
     assert scrape(f"{daemon.url}/metrics") == 200
 
 
+def test_engine_libraries_are_imported_at_start_and_ready_waits_for_them(start_daemon, tiny_gguf) -> None:
+    daemon = start_daemon({"a": tiny(tiny_gguf)})
+    wait_for(lambda: httpx.get(f"{daemon.url}/ready").status_code == 200)
+    assert "engine runtimes ready: llama_cpp" in daemon.logs()
+    assert models(daemon)["a"]["state"] != "loaded"  # imported, not loaded
+
+
 # ---- registry behaviour on a real engine --------------------------------------------------------
 
 
