@@ -14,6 +14,11 @@
   private-network-access grant.
 
 Both checks run before authentication and before any route, and answer in the dialect's error shape.
+
+- Per-connection request limit (`[server.limits] max_requests_per_connection`, like nginx's
+  keepalive_requests): the response to a keep-alive connection's Nth request says
+  `Connection: close` and the connection closes after it, streamed responses included. Counted
+  when a response is prepared, read from the current profile (applies on reload).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -107,6 +114,8 @@ class Hardening:
         self._metrics = metrics
         self._profile: Profile | None = None
         self._policy = HostPolicy.from_profile(None)
+        # requests answered per connection, keyed by its transport (gone with the connection)
+        self._served: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     @property
     def policy(self) -> HostPolicy:
@@ -114,6 +123,23 @@ class Hardening:
         if profile is not self._profile:
             self._profile, self._policy = profile, HostPolicy.from_profile(profile)
         return self._policy
+
+    @property
+    def max_requests_per_connection(self) -> int:
+        profile = self._state.profile
+        return profile.server.limits.max_requests_per_connection if profile is not None else 1000
+
+    def count_request(self, request: web.Request) -> bool:
+        """Count a response on its connection; True when it must be the connection's last."""
+        transport = request.transport
+        if transport is None:  # the client is gone already
+            return False
+        try:
+            served = self._served.get(transport, 0) + 1
+            self._served[transport] = served
+        except TypeError:  # a transport that cannot be weakly referenced: count nothing
+            return False
+        return served >= self.max_requests_per_connection
 
     def reject(self, request: web.Request, reason: str, message: str) -> web.Response:
         self._metrics.auth_failures.labels(reason).inc()
@@ -160,6 +186,14 @@ def _preflight(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
+async def _connection_limit(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: runs once per response, streamed ones too, after aiohttp has chosen
+    the Connection header but before it is sent, so both are set here."""
+    if request.app[HARDENING].count_request(request):
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 async def _cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: also covers streamed responses, whose headers leave before a middleware
     could touch them."""
@@ -189,6 +223,7 @@ class QuietMalformedRequests(logging.Filter):
 def setup_hardening(app: web.Application, state: DaemonState, metrics: Metrics) -> None:
     app[HARDENING] = Hardening(state, metrics)
     app.on_response_prepare.append(_cors_headers)
+    app.on_response_prepare.append(_connection_limit)
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, QuietMalformedRequests) for f in server_log.filters):
         server_log.addFilter(QuietMalformedRequests())

@@ -74,6 +74,7 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
         keepalive_timeout=profile.server.limits.idle_timeout,
         max_field_size=profile.server.limits.max_header_bytes,
         max_line_size=profile.server.limits.max_header_bytes,
+        max_headers=profile.server.limits.max_headers,  # more header lines: 400 before any handler
         access_log=None,
     )
     await runner.setup()

@@ -25,6 +25,7 @@ class _Strict(BaseModel):
 class Limits(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 16 * 1024 * 1024
     max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 16 * 1024
+    max_headers: Annotated[int, Field(ge=16, le=1024)] = 128  # header lines per request; more get 400
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 131072
     queue_depth: Annotated[int, Field(ge=1, le=10_000)] = 64
     max_messages: Annotated[int, Field(ge=1, le=100_000)] = 2048
@@ -32,6 +33,9 @@ class Limits(_Strict):
     max_tools: Annotated[int, Field(ge=1, le=4096)] = 256
     max_json_depth: Annotated[int, Field(ge=4, le=1000)] = 64
     idle_timeout: Annotated[float, Field(gt=0, le=86400)] = 75.0
+    # Requests one keep-alive connection may carry (nginx's keepalive_requests); the last response
+    # says `Connection: close`. Applies live on reload.
+    max_requests_per_connection: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
 
 
 class Server(_Strict):
