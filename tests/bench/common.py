@@ -1,6 +1,6 @@
 """Shared types of the benchmark harness: one stream's outcome, run settings, and the model files.
 
-Every other harness module imports this one; it imports none of them.
+Every other harness module imports this one; it imports none of them but fim_model (a model builder).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from fim_model import build_smollm2_fim_gguf
 
 BENCH_DIR = Path(__file__).resolve().parent
 TESTS_DIR = BENCH_DIR.parent
@@ -34,6 +36,9 @@ class StreamResult:
     error: str | None = None
     finish_reason: str | None = None
     counted_by: str = "usage"
+    text: str = ""  # the content delivered (multi-turn chat sends it back; prompt lookup compares it)
+    prompt_tokens: int | None = None  # usage.prompt_tokens, when reported
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when reported
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -56,12 +61,26 @@ class Settings:
     threads: int
     # SmolLM2 on the MLX CPU backend runs ~6 tok/s: fewer tokens there; 0 = skip it (smoke)
     mlx_real_max_tokens: int
+    # issue 11 (editor and cache workloads); prefill_tokens above sizes their long prompts and files
+    turns: int = 10  # multi-turn chat: turns per conversation
+    turn_words: int = 60  # words of new text in each user turn
+    turn_max_tokens: int = 48  # reply length per turn
+    fim_edits: int = 10  # FIM requests per editor session
+    fim_max_tokens: int = 16
+    echo_max_tokens: int = 256  # code-edit echo and novel text (prompt lookup on/off)
+    chat_streams: int = 4  # chat streams running while FIM is measured
+    reloads: int = 20  # profile edits during steady streaming
+    reload_interval: float = 1.5  # seconds between those edits
 
     @classmethod
     def make(cls, smoke: bool, runs: int | None, threads: int | None) -> Settings:
         cores = threads or physical_cores()
         if smoke:
-            return cls(True, runs or 1, 8, (1, 2), 200, 2.0, cores, 0)
+            return cls(
+                True, runs or 1, 8, (1, 2), 200, 2.0, cores, 0,
+                turns=3, turn_words=12, turn_max_tokens=4, fim_edits=3, fim_max_tokens=4,
+                echo_max_tokens=16, chat_streams=4, reloads=2, reload_interval=0.5,
+            )  # fmt: skip
         return cls(False, runs or 3, 128, (1, 2, 4, 8), 1500, 60.0, cores, 32)
 
 
@@ -70,6 +89,8 @@ class Models:
     smollm2_gguf: Path
     smollm2_mlx: Path
     tiny_mlx: Path
+    smollm2_fim_gguf: Path  # SmolLM2 with FIM tokens (fim_model.py), for the editor workloads
+    tiny_fim_gguf: Path  # the tiny random model with FIM tokens (MLX editor workloads load it as GGUF)
 
 
 @dataclass
@@ -138,4 +159,10 @@ def build_models() -> Models:
     """The model files every system shares; the MLX ones are built once and cached on disk."""
     tm = load_test_models()
     gguf_path = tm.smollm2_gguf_path()
-    return Models(gguf_path, tm.build_smollm2_mlx(gguf_path), tm.build_tiny_mlx(gguf_path))
+    return Models(
+        gguf_path,
+        tm.build_smollm2_mlx(gguf_path),
+        tm.build_tiny_mlx(gguf_path),
+        build_smollm2_fim_gguf(gguf_path, tm.cached_build),
+        tm.build_tiny_fim_gguf(gguf_path),
+    )

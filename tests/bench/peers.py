@@ -52,6 +52,13 @@ class ServerSpec:
     # command-line arguments for a peer: how later workloads vary the configuration.
     profile_lines: tuple[str, ...] = ()
     peer_args: tuple[str, ...] = ()
+    # The name figures are recorded under when one system runs in several configurations, e.g.
+    # "mlx-serve (lookup off)"; empty = the system's name.
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.system
 
     @property
     def model_name(self) -> str:
@@ -96,7 +103,7 @@ class Server:
             home = self.workdir / f"home-{self.port}"
             home.mkdir(parents=True, exist_ok=True)
             self.profile_path = profile = home / "profile.toml"  # a reload workload may edit it
-            profile.write_text(self._profile())
+            profile.write_text(self.profile_text())
             env["MLX_SERVE_HOME"] = str(home)
             cmd = [py, "-m", "mlx_serve.daemon", "serve", "--profile", str(profile), "--port", str(self.port)]
             return cmd, env
@@ -110,7 +117,7 @@ class Server:
             return cmd + ["--host", "127.0.0.1", "--log-level", "WARNING", *spec.peer_args], env
         raise ValueError(spec.system)
 
-    def _profile(self) -> str:
+    def profile_text(self) -> str:
         spec = self.spec
         lines = [
             "# written by tests/bench/peers.py",

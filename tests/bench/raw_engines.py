@@ -1,8 +1,10 @@
 """The engines in-process, with no server around them: the ceiling each server is measured against.
 
 - llama.cpp through llama-cpp-python's low-level C API: one context per batch size, a greedy loop;
-  for N sequences, a context with n_seq_max=N and a unified KV cache, and one llama_decode per step
-  for all N (DESIGN §4: `Llama` cannot do this).
+  for N sequences, a context with n_seq_max=N and one llama_decode per step for all N (DESIGN §4:
+  `Llama` cannot do this). Its KV cache is split, one stream per sequence (`kv_unified = False`),
+  as mlx-serve's engine does (engines/llamacpp_load.use_sequences), so batch-N ratios compare like
+  with like; `kv_unified=True` gives DESIGN §4's unified cache, reported as an extra row.
 - MLX through mlx-lm: generate_step for one sequence, BatchGenerator (the model's forward on a batch
   of N with a KV cache) for N.
 
@@ -69,11 +71,15 @@ class _Timeline:
 
 
 class LlamaRaw:
-    """llama.cpp's C API on one model: a context per batch size N (n_seq_max=N, unified KV)."""
+    """llama.cpp's C API on one model: a context per batch size N (n_seq_max=N, N KV streams of
+    n_ctx_per_seq cells each, or one unified cache of N times that)."""
 
-    name = "raw llama.cpp"
+    SPLIT_NAME = "raw llama.cpp"
+    UNIFIED_NAME = "raw llama.cpp (unified KV)"
 
-    def __init__(self, model_path: Path, threads: int, n_ctx_per_seq: int = 2048) -> None:
+    def __init__(
+        self, model_path: Path, threads: int, n_ctx_per_seq: int = 2048, kv_unified: bool = False
+    ) -> None:
         import llama_cpp
 
         self.lc = llama_cpp
@@ -86,7 +92,8 @@ class LlamaRaw:
             raise RuntimeError(f"llama.cpp cannot load {model_path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.threads, self.n_ctx_per_seq = threads, n_ctx_per_seq
+        self.threads, self.n_ctx_per_seq, self.kv_unified = threads, n_ctx_per_seq, kv_unified
+        self.name = self.UNIFIED_NAME if kv_unified else self.SPLIT_NAME
         self._contexts: dict[int, object] = {}
 
     def _silence_logs(self) -> None:
@@ -123,12 +130,15 @@ class LlamaRaw:
     def _context(self, n_seq: int) -> object:
         if n_seq not in self._contexts:
             lc = self.lc
+            for ctx in self._contexts.values():  # one context at a time: 8 x 2048 cells are ~370 MB
+                lc.llama_free(ctx)
+            self._contexts.clear()
             params = lc.llama_context_default_params()
             params.n_ctx = self.n_ctx_per_seq * n_seq
             params.n_batch = max(2048, self.n_ctx_per_seq)
             params.n_ubatch = 512
             params.n_seq_max = n_seq
-            params.kv_unified = True
+            params.kv_unified = self.kv_unified
             params.n_threads = params.n_threads_batch = self.threads
             ctx = lc.llama_init_from_model(self.model, params)
             if not ctx:

@@ -2,22 +2,27 @@
 
 Ratios are always mlx-serve / other (medians): for "higher is better" metrics above 1 means
 mlx-serve is ahead, for "lower is better" metrics (times, memory, CPU) below 1 does.
-The issue-10 targets are checked from the same medians and listed with PASS / FAIL.
+The issues' targets are checked from the same rows (targets.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 from common import Figure
 from peers import LOADED_AT_START, MLX_SERVE
 
-COUNT_METRICS = {"incomplete", "errors", "tokens"}  # no ratios
+# no ratios, not charted
+COUNT_METRICS = {
+    "incomplete", "errors", "tokens", "cached_tokens", "prompt_tokens", "identical", "reloads_applied",
+    "model_loads",
+}  # fmt: skip
 TOTAL_METRICS = {"incomplete", "errors"}  # shown as totals over runs
+# a system's ratio to itself (warm / cold, ...): charted, but a ratio of two of them means little
+SELF_RATIO_METRICS = {"warm_over_cold", "last_over_turn2", "loaded_over_idle", "after_over_before"}
 
 
 def role(system: str) -> str:
@@ -63,18 +68,18 @@ def ratio(a: Figure | None, b: Figure | None) -> float | None:
 
 def rows(figures: list[Figure]) -> list[dict[str, Any]]:
     """One row per (workload, case, metric, peer) with the mlx-serve, peer and raw figures and the
-    ratios; a case with several peers (idle, startup) gets one row per peer."""
+    ratios; a case with several peers (idle, startup) or raw engines (llama.cpp's split and
+    unified KV) gets one row per peer or raw engine, the main raw engine in the first row."""
     groups: dict[tuple[str, str, str], list[Figure]] = {}
     for fig in figures:
         groups.setdefault((fig.workload, fig.case, fig.metric), []).append(fig)
     out = []
     for (workload, case, metric), figs in groups.items():
         ours = next((f for f in figs if role(f.system) == "mlx-serve"), None)
-        raw = next((f for f in figs if role(f.system) == "raw"), None)
-        peers = [f for f in figs if role(f.system) == "peer"] or [None]
-        counts = metric in COUNT_METRICS
-        for i, peer in enumerate(peers):
-            row_raw = raw if i == 0 else None
+        raws = sorted((f for f in figs if role(f.system) == "raw"), key=lambda f: "(" in f.system)
+        peers = [f for f in figs if role(f.system) == "peer"]
+        counts = metric in COUNT_METRICS or metric in SELF_RATIO_METRICS
+        for peer, row_raw in zip_longest(peers or [None], raws):
             out.append(
                 {
                     "workload": workload,
@@ -114,82 +119,6 @@ def table(table_rows: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", legend])
 
 
-# ---- issue 10's targets ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    text: str
-    check: Callable[[dict[tuple[str, str, str], dict[str, Any]]], tuple[bool, str] | None]
-
-
-def _find(index: dict, workload: str, case: str, metric: str) -> dict[str, Any] | None:
-    return index.get((workload, case, metric))
-
-
-def _ratio_target(workload: str, case: str, metric: str, against: str, threshold: float) -> Callable:
-    def check(index: dict) -> tuple[bool, str] | None:
-        row = _find(index, workload, case, metric)
-        value = row and row[f"vs_{against}"]
-        return None if value is None else (value >= threshold, f"{value:.3f}x")
-
-    return check
-
-
-def _value_target(workload: str, case: str, metric: str, limit: float, system: str = "mlx_serve") -> Callable:
-    def check(index: dict) -> tuple[bool, str] | None:
-        row = _find(index, workload, case, metric)
-        fig = row and row[system]
-        if not fig or fig["median"] is None:
-            return None
-        value = fig["max"] if metric in COUNT_METRICS else fig["median"]
-        return value <= limit, fmt(value)
-
-    return check
-
-
-def targets(max_level: int, idle_case: str) -> list[Target]:
-    top = f"c={max_level}"
-    out = [
-        Target(f"decode {fam}: >= 0.95x raw", _ratio_target("decode", fam, "tok_s", "raw", 0.95))
-        for fam in ("llama.cpp smollm2", "mlx smollm2", "mlx tiny")
-    ]
-    for fam, peer_min in (("llama.cpp smollm2", 2.0), ("mlx tiny", 1.0)):
-        case = f"{fam} {top}"
-        out += [
-            Target(f"{case} aggregate: >= 0.9x raw batch-{max_level}", _ratio_target("concurrency", case, "agg_tok_s", "raw", 0.9)),
-            Target(f"{case} aggregate: >= {peer_min:g}x peer", _ratio_target("concurrency", case, "agg_tok_s", "peer", peer_min)),
-            Target(f"{case}: no stream cut short", _value_target("concurrency", case, "incomplete", 0)),
-            Target(f"{case}: no stream errored", _value_target("concurrency", case, "errors", 0)),
-        ]  # fmt: skip
-    out += [
-        Target(f"idle CPU ({idle_case}) < 0.5%", _value_target("idle", idle_case, "cpu_pct", 0.5)),
-        Target("startup to /health < 2 s", _value_target("startup", "to ready", "startup_s", 2.0)),
-    ]
-    for fam in ("llama.cpp smollm2", "mlx smollm2"):
-        out.append(
-            Target(
-                f"{fam}: RSS after TTL within 15% of pre-load",
-                _value_target("ttl_release", fam, "after_over_before", 1.15),
-            )
-        )
-    return out
-
-
-def check_targets(
-    table_rows: list[dict[str, Any]], max_level: int, idle_window: float
-) -> list[dict[str, Any]]:
-    index = {(r["workload"], r["case"], r["metric"]): r for r in table_rows}
-    results = []
-    for target in targets(max_level, f"cpu over {idle_window:g}s"):
-        outcome = target.check(index)
-        status = "n/a" if outcome is None else ("PASS" if outcome[0] else "FAIL")
-        results.append({"target": target.text, "status": status, "value": outcome[1] if outcome else None})
-    return results
-
-
-def targets_text(results: list[dict[str, Any]]) -> str:
-    return "\n".join(f"  {r['status']:4}  {r['target']}  ({r['value'] or 'not measured'})" for r in results)
-
-
 # ---- files ----------------------------------------------------------------------------------
 def write_json(
     path: Path, meta: dict[str, Any], figures: list[Figure], table_rows: list, target_results: list
@@ -210,6 +139,9 @@ SYSTEM_COLORS = {
     "mlx_lm.server": "tab:red",
     "raw llama.cpp": "tab:green",
     "raw mlx-lm": "tab:olive",
+    "raw llama.cpp (unified KV)": "tab:cyan",
+    "mlx-serve (lookup off)": "tab:purple",
+    "mlx-serve (no reloads)": "tab:purple",
 }
 ROLE_ORDER = {"mlx-serve": 0, "peer": 1, "raw": 2}
 

@@ -1,9 +1,9 @@
 """Benchmark mlx-serve against its peers and the raw engines, side by side in one run.
 
-    python tests/bench/run.py [--smoke] [--workloads a,b] [--runs N] [--out DIR] [--threads N]
+    python tests/bench/run.py [--smoke] [--only a,b] [--runs N] [--out DIR] [--threads N]
 
 Prints a ratio table (mlx-serve / peer server, mlx-serve / raw engine, on medians of --runs runs
-with min-max shown), checks issue 10's targets, and writes results.json, chart.png and the
+with min-max shown), checks issue 10's and issue 11's targets, and writes results.json, chart.png and the
 servers' logs to DIR (default tests/bench/results/<timestamp>/). --smoke is a seconds-long version
 that only proves the harness works (CI); its numbers mean nothing. Exit status 1 when a workload
 failed to produce its figures.
@@ -25,6 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
+import targets  # noqa: E402
+import workloads_editor  # noqa: E402, F401  (registers issue 11's workloads)
+import workloads_prefix  # noqa: E402, F401
+import workloads_runtime  # noqa: E402, F401
 from common import BENCH_DIR, Settings, build_models  # noqa: E402
 from workloads import WORKLOADS, Bench  # noqa: E402
 
@@ -35,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long run proving the harness works")
-    parser.add_argument("--workloads", help=f"comma-separated subset of: {names}")
+    parser.add_argument("--only", "--workloads", dest="workloads", help=f"comma-separated subset of: {names}")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, smoke 1)")
     parser.add_argument("--out", type=Path, help="results folder (default tests/bench/results/<timestamp>)")
     parser.add_argument(
@@ -117,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = bench.figures.all()
     rows = report.rows(figures)
-    target_results = report.check_targets(rows, max(settings.concurrency), settings.idle_window)
+    target_list = targets.issue10(max(settings.concurrency), f"cpu over {settings.idle_window:g}s")
+    target_list += targets.issue11(settings.prefill_tokens, settings.chat_streams)
+    target_results = targets.check(rows, target_list)
     report.write_json(out / "results.json", meta, figures, rows, target_results)
     title = f"mlx-serve benchmark {stamp}{' (smoke)' if settings.smoke else ''}, {settings.runs} run(s) per figure"
     report.write_chart(out / "chart.png", figures, title)
     print()
     print(report.table(rows))
     print()
-    print("issue 10 targets:")
-    print(report.targets_text(target_results))
+    print(targets.text(target_results))
     load = meta["machine"]
     print(f"\nload average {load['loadavg_start'][0]:.1f} at start, {load['loadavg_end'][0]:.1f} at end")
     print(f"results: {out}/results.json, {out}/chart.png (in {meta['seconds']}s)")

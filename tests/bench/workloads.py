@@ -9,8 +9,9 @@ Fairness rules every workload follows:
   llama.cpp's, mlx_lm.server's) turns a later run into a warm one;
 - every server is warmed up (model loaded, one short generation) before it is measured.
 
-To add a workload (issue 11's multi-turn chat, FIM sessions, ...): write a function that takes the
-Bench, use bench.family()/bench.servers()/bench.raw() and bench.figures.add(), decorate it.
+To add a workload: write a function that takes the Bench, use bench.family()/bench.servers()/
+bench.raw() and bench.figures.add(), decorate it. Issue 11's workloads live in their own modules
+(workloads_prefix.py, workloads_editor.py, workloads_runtime.py), registered when run.py imports them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ METRICS: dict[str, tuple[str, bool]] = {
     "rss_loaded_mb": ("MiB", False),
     "rss_after_mb": ("MiB", False),
     "after_over_before": ("x", False),
+    # issue 11
+    "ttft_cold_s": ("s", False),
+    "ttft_warm_s": ("s", False),
+    "warm_over_cold": ("x", False),
+    "last_over_turn2": ("x", False),
+    "cached_tokens": ("tok", True),
+    "prompt_tokens": ("tok", True),
+    "identical": ("runs", True),
+    "loaded_over_idle": ("x", False),
+    "reloads_applied": ("reloads", True),
+    "model_loads": ("loads", False),
 }
 
 
@@ -57,7 +69,7 @@ class Family:
     key: str
     engine: str  # mlx-serve's engine: "llama_cpp" or "mlx"
     model: Path
-    peer: str
+    peer: str | None  # None: no peer server runs this model file (mlx_lm.server reads no GGUF)
 
 
 class Figures:
@@ -94,6 +106,11 @@ class Bench:
             ),
             "mlx smollm2": Family("mlx smollm2", "mlx", models.smollm2_mlx, MLX_LM_SERVER),
             "mlx tiny": Family("mlx tiny", "mlx", models.tiny_mlx, MLX_LM_SERVER),
+            # editor workloads: models with FIM tokens (the MLX one is a GGUF source, converted on load)
+            "llama.cpp smollm2-fim": Family(
+                "llama.cpp smollm2-fim", "llama_cpp", models.smollm2_fim_gguf, LLAMA_CPP_SERVER
+            ),
+            "mlx tiny-fim": Family("mlx tiny-fim", "mlx", models.tiny_fim_gguf, None),
         }
 
     def family(self, key: str) -> Family:
@@ -102,36 +119,44 @@ class Bench:
     def spec(self, family: Family, system: str, **kw: Any) -> ServerSpec:
         return ServerSpec(system, family.engine, family.model, self.settings.threads, **kw)
 
-    def raw(self, family: Family) -> RawEngine:
-        if family.key not in self._raw:
-            self.log(f"  loading {family.key} in-process")
+    def raw(self, family: Family, kv_unified: bool = False) -> RawEngine:
+        """The family's engine in-process; llama.cpp's with a split KV cache like mlx-serve's engine
+        unless kv_unified (DESIGN §4's unified cache, an extra baseline row)."""
+        key = f"{family.key}{' unified' if kv_unified else ''}"
+        if key not in self._raw:
+            self.log(f"  loading {key} in-process")
             if family.engine == "llama_cpp":
-                engine: RawEngine = LlamaRaw(family.model, self.settings.threads)
+                engine: RawEngine = LlamaRaw(family.model, self.settings.threads, kv_unified=kv_unified)
             else:
                 engine = MlxRaw(family.model)
             engine.generate([engine.chat_tokens("Say hi.")], 2)  # warm-up, like the servers get
-            self._raw[family.key] = engine
-        return self._raw[family.key]
+            self._raw[key] = engine
+        return self._raw[key]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` as a chat message to SmolLM2 (every family here shares its tokenizer)."""
+        return len(self.raw(self.family("llama.cpp smollm2")).chat_tokens(text))
+
+    def start(self, stack: ExitStack, spec: ServerSpec) -> Server:
+        """Start one server on `stack` and warm it up (model loaded, one short generation)."""
+        server = stack.enter_context(Server(spec, self.workdir / "logs"))
+        results, _ = run_streams(server.url, [chat_body(spec.model_name, "Say hi.", 2)])
+        if results[0].error:
+            raise RuntimeError(f"{spec.name} warm-up failed: {results[0].error}\n{server.logs()[-2000:]}")
+        return server
 
     @contextmanager
-    def servers(self, family: Family, max_concurrency: int = 1, **spec_kw: Any) -> Iterator[list[Server]]:
-        """mlx-serve and the family's peer, started, warmed up, and stopped afterwards.
-        spec_kw: more ServerSpec fields (profile_lines for mlx-serve, peer_args for the peer)."""
+    def servers(
+        self, family: Family, max_concurrency: int = 1, peer: bool = True, **spec_kw: Any
+    ) -> Iterator[list[Server]]:
+        """mlx-serve and the family's peer (if it has one and `peer`), started, warmed up, and
+        stopped afterwards. spec_kw: more ServerSpec fields (profile_lines, peer_args, label)."""
         with ExitStack() as stack:
-            out = []
-            for system in (MLX_SERVE, family.peer):
-                server = Server(
-                    self.spec(family, system, max_concurrency=max_concurrency, **spec_kw),
-                    self.workdir / "logs",
-                )
-                stack.enter_context(server)
-                results, _ = run_streams(server.url, [chat_body(server.spec.model_name, "Say hi.", 2)])
-                if results[0].error:
-                    raise RuntimeError(
-                        f"{system} warm-up failed: {results[0].error}\n{server.logs()[-2000:]}"
-                    )
-                out.append(server)
-            yield out
+            systems = [MLX_SERVE] + ([family.peer] if peer and family.peer else [])
+            yield [
+                self.start(stack, self.spec(family, system, max_concurrency=max_concurrency, **spec_kw))
+                for system in systems
+            ]
 
     def close(self) -> None:
         for engine in self._raw.values():
@@ -194,8 +219,20 @@ def rotate(items: Sequence[Any], run: int) -> list[Any]:
     return [*items[k:], *items[:k]]
 
 
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def record_failures(bench: Bench, name: str, case: str, system: str, results: Sequence[StreamResult]) -> None:
+    """Streams that failed (errors) and streams cut short without an error (incomplete)."""
+    errors = [r.error for r in results if r.error]
+    bench.figures.add(name, case, system, "errors", len(errors), error=errors[0] if errors else None)
+    bench.figures.add(name, case, system, "incomplete", sum(not r.complete and not r.error for r in results))
+
+
 # ---- generation workloads -----------------------------------------------------------------
-def _record_single(bench: Bench, name: str, case: str, system: str, r: StreamResult) -> None:
+def record_single(bench: Bench, name: str, case: str, system: str, r: StreamResult) -> None:
     f = bench.figures
     f.add(name, case, system, "tok_s", r.decode_tok_s, counted_by=r.counted_by, finish=r.finish_reason)
     f.add(name, case, system, "ttft_s", r.ttft)
@@ -222,7 +259,7 @@ def decode(bench: Bench) -> None:
                         r, system = run_streams(target.url, [body])[0][0], target.spec.system
                     else:
                         r, system = target.generate([target.chat_tokens(prompt)], max_tokens)[0], target.name
-                    _record_single(bench, "decode", key, system, r)
+                    record_single(bench, "decode", key, system, r)
                     bench.log(
                         f"  decode {key} run {run} {system}: {r.tokens} tok, {r.decode_tok_s or 0:.1f} tok/s"
                     )
@@ -233,13 +270,15 @@ def concurrency(bench: Bench) -> None:
     s = bench.settings
     for key in ("llama.cpp smollm2", "mlx tiny"):
         family = bench.family(key)
-        raw = bench.raw(family)
+        raws = [bench.raw(family)]
+        if family.engine == "llama_cpp":  # issue 10: the unified-KV baseline stays as an extra row
+            raws.append(bench.raw(family, kv_unified=True))
         for n in s.concurrency:
             case = f"{key} c={n}"
             with bench.servers(family, max_concurrency=n) as servers:
                 for run in range(s.runs):
                     prompts = [story(run, i) for i in range(n)]
-                    for target in rotate([*servers, raw], run):
+                    for target in rotate([*servers, *raws], run):
                         if isinstance(target, Server):
                             bodies = [chat_body(target.spec.model_name, p, s.max_tokens) for p in prompts]
                             results, wall = run_streams(target.url, bodies)
