@@ -3,7 +3,7 @@ but the mapping lives here, once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -14,6 +14,7 @@ from mlx_serve.daemon.errors import (
     ShuttingDownError,
     UnknownModelError,
 )
+from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.errors import ContextOverflowError, ModelLoadError, UnsupportedRequestError
 
 
@@ -40,6 +41,12 @@ class ErrorInfo:
 
 
 def classify(exc: BaseException) -> ErrorInfo:
+    """Its messages may be sent in-band (stream error events), so they are redacted here too."""
+    info = _classify(exc)
+    return replace(info, message=redact_home(info.message))
+
+
+def _classify(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, RequestError):
         return ErrorInfo(exc.status, exc.kind, exc.message, exc.param)
     if isinstance(exc, UnknownModelError):
@@ -98,6 +105,8 @@ def dialect_for_path(path: str, prefix: str = "") -> str:
 
 
 def error_body(dialect: str, info: ErrorInfo) -> dict:
+    """The dialect's error body; a path under the user's home directory shows as `~/...`."""
+    info = replace(info, message=redact_home(info.message))
     if dialect == "anthropic":
         return {
             "type": "error",

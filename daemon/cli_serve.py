@@ -27,5 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from mlx_serve.launchd.logrotate import setup_file_logging
 
+    from .redact import install_redaction
+
+    install_redaction()  # the home directory shows as ~ in every log line (the file log copies it)
     setup_file_logging()  # $MLX_SERVE_HOME/logs/mlx-serve.log, size-rotated
+    install_redaction()
     return run(args.profile, host=args.host, port=args.port)

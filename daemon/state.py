@@ -9,6 +9,8 @@ from typing import Any
 from mlx_serve.profiles.loader import LoadedProfile, Problem
 from mlx_serve.profiles.schema import Profile
 
+from .redact import redact_home
+
 
 @dataclass
 class ReloadStatus:
@@ -44,12 +46,13 @@ class DaemonState:
         )
 
     def profile_report(self) -> dict[str, Any]:
+        """For /health, /ready, /status: the home directory shows as ~ (daemon/redact.py)."""
         return {
-            "path": self.profile_label,
+            "path": redact_home(self.profile_label),
             "sha256": self.loaded.sha256 if self.loaded else None,
             "valid": self.loaded is not None,
             "last_reload_successful": self.last_reload.successful,
             "last_reload_at": self.last_reload.timestamp,
             "last_reload_summary": self.last_reload.summary,
-            "errors": list(self.last_reload.errors),
+            "errors": [redact_home(e) for e in self.last_reload.errors],
         }

@@ -7,6 +7,7 @@ from typing import Any
 
 from mlx_serve.engines.factory import engine_kind
 
+from .redact import redact_home
 from .registry import Registry
 from .slot import Slot, SlotState
 
@@ -24,7 +25,7 @@ def slot_status(slot: Slot) -> dict[str, Any]:
         "aliases": list(slot.spec.aliases),
         "engine": engine_kind(slot.spec),
         "state": slot.state.value,
-        "error": slot.error,
+        "error": redact_home(slot.error) if slot.error else slot.error,  # ~ for the home directory
         "memory_bytes": slot.memory_bytes(),
         "active": slot.active,
         "waiting": slot.waiting,
