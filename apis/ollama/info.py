@@ -17,6 +17,7 @@ from aiohttp import web
 from mlx_serve.apis.body import read_body
 from mlx_serve.apis.context import registry as get_registry
 from mlx_serve.apis.errors import RequestError
+from mlx_serve.apis.scope import model_visible
 from mlx_serve.engines.factory import is_apple_silicon
 from mlx_serve.engines.types import EngineInfo
 
@@ -62,13 +63,20 @@ def _with_digest(facts: ModelFacts, source: str) -> ModelFacts:
     return dataclasses.replace(facts, digest=hashlib.sha256(source.encode()).hexdigest())
 
 
+def visible_names(request: web.Request, slot: Any) -> list[str]:
+    """The names /api/tags lists for a model that the request's API key may use."""
+    return [n for n in listed_names(slot.model_id, list(slot.spec.aliases)) if model_visible(request, n)]
+
+
 async def tags(request: web.Request) -> web.Response:
     registry = get_registry(request)
-    slots = registry.slots()
+    all_slots = registry.slots()
+    names_of = {s.model_id: visible_names(request, s) for s in all_slots}
+    slots = [s for s in all_slots if names_of[s.model_id]]  # a key limited to some models sees those only
     now = time.time()
     models = []
     for slot, facts in zip(slots, await facts_for(slots), strict=True):
-        for name in listed_names(slot.model_id, list(slot.spec.aliases)):
+        for name in names_of[slot.model_id]:
             models.append(
                 {
                     "name": tagged(name),
@@ -104,7 +112,9 @@ def _expires_at(slot: Any, now: float) -> float:
 
 async def ps(request: web.Request) -> web.Response:
     registry = get_registry(request)
-    loaded = [s for s in registry.slots() if loaded_info(s) is not None]
+    loaded = [
+        s for s in registry.slots() if loaded_info(s) is not None and model_visible(request, s.model_id)
+    ]
     now = time.time()
     models = []
     for slot, facts in zip(loaded, await facts_for(loaded), strict=True):

@@ -25,6 +25,7 @@ from ..body import read_body
 from ..context import limits, registry
 from ..errors import ErrorInfo, RequestError, classify, error_body, error_response
 from ..generation import collect, embed_texts, open_generation
+from ..scope import model_visible
 from . import translate
 from .protocol import (
     ChatCompletionRequest,
@@ -75,12 +76,15 @@ def _model_object(slot: Any) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """Every profile model and every exact alias, loaded or not; never loads anything.
-    Glob aliases are patterns, not names: they appear in their model's `aliases` only."""
+    Glob aliases are patterns, not names: they appear in their model's `aliases` only.
+    A key limited to some models sees only the names it may use."""
     data = []
     for slot in registry(request).slots():
         entry = _model_object(slot)
-        data.append(entry)
-        data += [{**entry, "id": a, "alias_of": slot.model_id} for a in entry["aliases"] if not _is_glob(a)]
+        names = [entry] + [
+            {**entry, "id": a, "alias_of": slot.model_id} for a in entry["aliases"] if not _is_glob(a)
+        ]
+        data += [e for e in names if model_visible(request, e["id"])]
     return web.json_response({"object": "list", "data": data})
 
 
