@@ -35,6 +35,7 @@ DAEMONS: list[Daemon] = []
 # A test backend, chosen explicitly through PYTHON_KEYRING_BACKEND; never a product fallback.
 FILE_BACKEND = "keyrings.alt.file.PlaintextKeyring"
 CORS_ORIGIN = "http://app.example.test:3000"
+KEYRING_SERVICE = "mlx-serve-test"
 
 
 def prompt(tag: str) -> str:
@@ -128,8 +129,8 @@ def keyring_env(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def keyed(launch, keyring_env, tiny_gguf) -> Daemon:
-    models = {"tiny": tiny(tiny_gguf, aliases=["gpt-4o*", "claude-*"]), "other": tiny(tiny_gguf)}
-    auth = {"require_keys": "always", "keyring_service": "mlx-serve-test", "refresh_interval": 5.0}
+    models = {"tiny": tiny(tiny_gguf, aliases=["gpt-4o*", "claude-*", "tiny-chat"]), "other": tiny(tiny_gguf)}
+    auth = {"require_keys": "always", "keyring_service": KEYRING_SERVICE, "refresh_interval": 5.0}
     return launch(models, env=keyring_env, auth=auth)
 
 
@@ -209,6 +210,56 @@ def test_scopes_give_403_in_each_dialects_shape(keyed: Daemon, keyring_env) -> N
     with pytest.raises(anthropic.PermissionDeniedError):
         claude.messages.create(model="other", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert auth_failures(keyed).get("scope", 0) >= 5
+
+
+def ollama_names(client: ollama.Client, what: str = "list") -> set[str]:
+    listing = client.list() if what == "list" else client.ps()
+    return {m.model for m in listing.models}
+
+
+def test_model_listings_follow_the_keys_model_scope(keyed: Daemon, keyring_env) -> None:
+    """A key limited by --models lists only the names it may use, in every dialect's listing."""
+    everything = create_key(keyed, keyring_env, "lister-all")
+    only_tiny = create_key(keyed, keyring_env, "lister-tiny", "--models", "tiny")
+    only_other = create_key(keyed, keyring_env, "lister-other", "--models", "oth*")
+    # load both models so /api/ps has something to hide
+    for model in ("tiny", "other"):
+        assert chat(oai(keyed.url, everything), model, "scope-listing") == model
+
+    assert {m.id for m in oai(keyed.url, everything).models.list()} == {"tiny", "tiny-chat", "other"}
+    assert {m.id for m in oai(keyed.url, only_tiny).models.list()} == {"tiny", "tiny-chat"}  # alias of tiny
+    assert {m.id for m in oai(keyed.url, only_other).models.list()} == {"other"}
+    assert oai(keyed.url, only_tiny).models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'other'") as err:
+        oai(keyed.url, only_tiny).models.retrieve("other")
+    assert err.value.body["type"] == "permission_error"
+
+    def olla(secret: str) -> ollama.Client:
+        return ollama.Client(host=keyed.url, headers={"Authorization": f"Bearer {secret}"})
+
+    assert ollama_names(olla(everything)) == {"tiny:latest", "tiny-chat:latest", "other:latest"}
+    assert ollama_names(olla(only_tiny)) == {"tiny:latest", "tiny-chat:latest"}
+    assert ollama_names(olla(only_other)) == {"other:latest"}
+    assert ollama_names(olla(everything), "ps") == {"tiny:latest", "other:latest"}
+    assert ollama_names(olla(only_tiny), "ps") == {"tiny:latest"}
+    assert ollama_names(olla(only_other), "ps") == {"other:latest"}
+    with pytest.raises(ollama.ResponseError) as denied:
+        olla(only_tiny).show("other")
+    assert denied.value.status_code == 403
+
+    # Anthropic's SDK lists models from the same GET /v1/models.
+    claude = anthropic.Anthropic(base_url=keyed.url, api_key=only_other, max_retries=0)
+    assert {m.id for m in claude.models.list()} == {"other"}
+
+
+def test_loopback_without_keys_lists_every_model(launch, keyring_env, tiny_gguf) -> None:
+    """Under the default policy a loopback client needs no key, so a scoped key changes nothing."""
+    models = {"tiny": tiny(tiny_gguf), "other": tiny(tiny_gguf)}
+    daemon = launch(models, env=keyring_env, auth={"keyring_service": KEYRING_SERVICE})
+    scoped = create_key(daemon, keyring_env, "loopback-tiny", "--models", "tiny")
+    assert {m.id for m in oai(daemon.url, "unused").models.list()} == {"tiny", "other"}
+    assert {m.id for m in oai(daemon.url, scoped).models.list()} == {"tiny", "other"}
+    assert ollama_names(ollama.Client(host=daemon.url)) == {"tiny:latest", "other:latest"}
 
 
 def test_rate_limit_answers_429_with_retry_after(keyed: Daemon, keyring_env) -> None:
@@ -516,6 +567,160 @@ def test_hostile_chat_template_fails_the_load(launch, smollm2_gguf: Path) -> Non
     assert not MARKER.exists(), "the template ran a shell command"
 
 
+# ---- per-connection limits ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(launch, tiny_gguf) -> Daemon:
+    limits = {"max_requests_per_connection": 3, "max_headers": 24}
+    return launch({"tiny": tiny(tiny_gguf)}, server={"limits": limits})
+
+
+def port_recording_client(base: str, ports: list[int], timeout: float = 30) -> httpx.Client:
+    """A keep-alive client that notes each response's local port (read as its headers arrive:
+    the socket is gone once a `Connection: close` response is read)."""
+
+    def record(response: httpx.Response) -> None:
+        ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+    return httpx.Client(base_url=base, timeout=timeout, event_hooks={"response": [record]})
+
+
+def test_keep_alive_connection_closes_after_its_request_limit(limited: Daemon) -> None:
+    ports: list[int] = []
+    with port_recording_client(limited.url, ports) as client:
+        responses = [client.get("/health") for _ in range(7)]
+    assert all(r.status_code == 200 for r in responses)
+    closing = [r.headers.get("connection", "").lower() == "close" for r in responses]
+    assert closing == [False, False, True, False, False, True, False]
+    assert ports[0] == ports[1] == ports[2] != ports[3] == ports[4] == ports[5] != ports[6]
+    assert len(set(ports)) == 3
+
+
+def test_pipelined_requests_past_the_limit_are_not_answered(limited: Daemon) -> None:
+    one = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", limited.port), timeout=30) as sock:
+        sock.sendall(one * 5)
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after the third
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert data.lower().count(b"connection: close") == 1
+
+
+def test_streamed_response_counts_toward_the_limit(limited: Daemon) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt("keepalive")}], "max_tokens": 2}
+    ports: list[int] = []
+    with port_recording_client(limited.url, ports, timeout=120) as client:
+        client.get("/health")
+        client.get("/health")
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["connection"].lower() == "close"
+            assert "data: [DONE]" in streamed.read().decode()
+        client.get("/health")
+    assert ports[0] == ports[1] == ports[2] != ports[3]
+
+
+def test_request_limit_applies_on_reload(launch, tmp_path_factory) -> None:
+    daemon = launch({}, server={"limits": {"max_requests_per_connection": 4}})
+
+    def closes_after() -> int:
+        with httpx.Client(base_url=daemon.url, timeout=30) as client:
+            for count in range(1, 10):
+                if client.get("/health").headers.get("connection", "").lower() == "close":
+                    return count
+        return 0
+
+    assert closes_after() == 4
+    daemon.profile.write_text(profile_text({}, server={"limits": {"max_requests_per_connection": 2}}))
+    assert wait_for(lambda: closes_after() == 2, 20)
+
+
+def test_too_many_headers_get_400_and_the_daemon_keeps_serving(limited: Daemon) -> None:
+    def get(extra_headers: int) -> int:
+        extra = "".join(f"X-Extra-{i}: {i}\r\n" for i in range(extra_headers))
+        return raw_request(
+            limited.port,
+            f"GET /health HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n".encode(),
+        )[0]
+
+    assert get(20) == 200  # 22 header lines: within max_headers = 24
+    assert get(30) in (400, 431)
+    many = {f"X-Extra-{i}": str(i) for i in range(40)}
+    assert httpx.get(f"{limited.url}/health", headers=many, timeout=30).status_code in (400, 431)
+    assert httpx.get(f"{limited.url}/health", timeout=30).status_code == 200
+
+
+# ---- the user's home directory never shows --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def home_daemon(tmp_path_factory, tiny_gguf) -> Daemon:
+    """A daemon whose HOME holds its profile and its models, one missing, one broken."""
+    home = tmp_path_factory.mktemp("user-home")
+    (home / "models").mkdir()
+    try:
+        os.link(tiny_gguf, home / "models" / "tiny.gguf")
+    except OSError:
+        shutil.copyfile(tiny_gguf, home / "models" / "tiny.gguf")
+    broken = home / "models" / "broken-mlx"  # a config but no weights: mlx-lm names the full path
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    models = {
+        "present": tiny(home / "models" / "tiny.gguf"),
+        "missing": tiny(home / "models" / "missing.gguf"),
+        "broken": {"source": str(broken), "engine": "mlx", "ttl": "forever"},
+    }
+    profile = home / ".mlx-serve" / "config.toml"
+    profile.parent.mkdir()
+    profile.write_text(profile_text(models))
+    daemon = Daemon(profile, home / ".mlx-serve", env={"HOME": str(home)})
+    DAEMONS.append(daemon)
+    return daemon.start()
+
+
+def home_of(daemon: Daemon) -> str:
+    return daemon.env["HOME"]
+
+
+def mentions(text: str, home: str) -> bool:
+    """Does text name the home directory as a path (not `/home/al` inside `/home/alice`)?"""
+    return re.search(rf"(?<![\w.~/-]){re.escape(home.rstrip('/'))}(?![\w.-])", text) is not None
+
+
+def test_home_directory_is_redacted_in_errors_and_logs(home_daemon: Daemon) -> None:
+    home, where = home_of(home_daemon), "~/models/broken-mlx"
+    client = oai(home_daemon.url, "unused")
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(client, "broken", "home")
+    failure = err.value.response.text
+    assert err.value.status_code == 503 and where in failure and not mentions(failure, home), failure
+    with pytest.raises(anthropic.APIStatusError) as err:
+        anthropic.Anthropic(base_url=home_daemon.url, api_key="unused", max_retries=0).messages.create(
+            model="broken", max_tokens=2, messages=[{"role": "user", "content": prompt("home")}]
+        )
+    assert where in err.value.response.text and not mentions(err.value.response.text, home)
+    with pytest.raises(ollama.ResponseError) as olla_err:
+        ollama.Client(host=home_daemon.url).chat(
+            model="broken", messages=[{"role": "user", "content": prompt("home")}], options={"num_predict": 2}
+        )
+    assert where in str(olla_err.value) and not mentions(str(olla_err.value), home)
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(client, "missing", "home")
+    assert not mentions(err.value.response.text, home)
+    assert chat(client, "present", "home") == "present"
+
+    status = {m["id"]: m for m in home_daemon.get_json("/status")["models"]}
+    assert status["broken"]["state"] == "failed" and where in status["broken"]["error"]
+    assert home_daemon.get_json("/health")["profile"]["path"] == "~/.mlx-serve/config.toml"
+    for path in ("/status", "/health", "/ready", "/v1/models", "/api/tags", "/api/ps"):
+        assert not mentions(httpx.get(home_daemon.url + path, timeout=30).text, home), path
+
+    logs = "".join(p.read_text(errors="replace") for p in home_daemon.home.rglob("*.log"))
+    assert "profile: ~/.mlx-serve/config.toml" in logs and where in logs, logs
+    assert not mentions(logs, home), [line for line in logs.splitlines() if mentions(line, home)]
+
+
 # ---- last: nothing secret in any log ------------------------------------------------------------
 
 
@@ -526,9 +731,10 @@ def test_logs_hold_no_keys_digests_or_prompts() -> None:
     forbidden = {s: "key" for s in SECRETS}
     forbidden.update({hashlib.sha256(s.encode()).hexdigest(): "digest" for s in SECRETS})
     forbidden.update({p: "prompt" for p in PROMPTS})
-    logs = [path for d in DAEMONS for path in d.home.rglob("*.log")]
-    assert any("listening on" in path.read_text() for path in logs)  # the right files
-    for path in logs:
+    logs = [(path, home_of(d)) for d in DAEMONS for path in d.home.rglob("*.log")]
+    assert any("listening on" in path.read_text() for path, _ in logs)  # the right files
+    for path, home in logs:
         text = path.read_text(errors="replace")
         for needle, what in forbidden.items():
             assert needle not in text, f"a {what} leaked into {path}"
+        assert not mentions(text, home), f"the home directory {home} shows in {path}"
