@@ -32,7 +32,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,7 +42,14 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from mlx_serve.profiles.schema import ModelSpec
 
-from .mlx_generation import KV_REFRESH_TOKENS, DecodePlan, EngineCounters, LoadedModel, RequestOutput
+from .mlx_generation import (
+    KV_REFRESH_TOKENS,
+    DecodePlan,
+    EngineCounters,
+    LoadedModel,
+    RequestOutput,
+    keep_prefix,
+)
 from .types import Event, Finished, Usage
 from .worker import EngineThread
 
@@ -298,15 +305,20 @@ class BatchScheduler:
         if request.plan.constraint is not None:  # last: it masks what the others produced
             processors.append(request.plan.constraint)
         guard = _Guarded(processors) if processors else None
+        ids = request.plan.prompt_ids
+        prefix = self._loaded.prefix
+        cache, cached = prefix.lookup(ids) if prefix is not None else (None, 0)
         (uid,) = gen.insert(
-            [list(request.plan.prompt_ids)],
+            [list(ids[cached:])],
             max_tokens=[s.max_tokens],
+            caches=[cache],
+            all_tokens=[list(ids[:cached])],  # what the cache holds: the processors' context
             samplers=[s.batch_sampler()],
             logits_processors=[[guard] if guard else []],
             stop_sequences=[self._eos_stops],
         )
         emit = partial(self._emit, request)
-        running[uid] = _Running(request, RequestOutput(self._loaded, request.plan, emit), guard)
+        running[uid] = _Running(request, RequestOutput(self._loaded, request.plan, emit, cached), guard)
 
     def _emit(self, request: _Request, event: Event) -> None:
         self._outbox.append((request, event))
@@ -319,13 +331,19 @@ class BatchScheduler:
     def _drop_cancelled(self, gen: BatchGenerator, running: dict[int, _Running]) -> None:
         gone = [uid for uid, member in running.items() if member.request.cancelled.is_set()]
         if gone:
-            gen.remove(gone)
+            self._keep(gen.remove(gone, return_prompt_caches=True).values())
             for uid in gone:
                 del running[uid]
+
+    def _keep(self, caches: Iterable[tuple[list[Any], list[int]]]) -> None:
+        """Leaving requests' KV caches (and the tokens they hold) to the prefix cache."""
+        for cache, tokens in caches:
+            keep_prefix(self._loaded, tokens, cache)
 
     def _deliver(self, gen: BatchGenerator, running: dict[int, _Running], responses: list[Any]) -> None:
         """Each new token to its request; requests that ended leave the batch."""
         leaving: list[int] = []
+        finished: list[tuple[list[Any], list[int]]] = []
         for r in responses:
             member = running.get(r.uid)
             if member is None:
@@ -351,5 +369,8 @@ class BatchScheduler:
                 del running[r.uid]
                 if r.finish_reason is None:  # BatchGenerator dropped the finished ones itself
                     leaving.append(r.uid)
+                elif r.prompt_cache is not None:
+                    finished.append((r.prompt_cache, r.all_tokens))
         if leaving:
-            gen.remove(leaving)
+            finished.extend(gen.remove(leaving, return_prompt_caches=True).values())
+        self._keep(finished)

@@ -34,6 +34,7 @@ from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .mlx_batch import BatchScheduler, make_scheduler
 from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
+from .mlx_prefix_cache import PrefixCache, make_prefix_cache
 from .mlx_sampling import resolve_sampling
 from .prompting import (
     ChatTemplate,
@@ -105,11 +106,12 @@ class MLXEngine:
     async def unload(self) -> None:
         async with self._lifecycle:
             thread, self._thread, self._batch = self._thread, None, None
-            self._loaded, self._info, self._template, self._reasoning = None, None, None, None
+            loaded, self._loaded = self._loaded, None
+            self._info, self._template, self._reasoning = None, None, None
             if thread is None:
                 return
             try:  # queued behind any running generation, which keeps its own reference until done
-                await thread.call(_release_memory)
+                await thread.call(_release_memory, loaded)
             finally:
                 await asyncio.to_thread(thread.close)
             log.info("unloaded %s", self.model_id)
@@ -126,6 +128,7 @@ class MLXEngine:
         weights = _nbytes(model) + (_nbytes(draft_model) if draft_model is not None else 0)
         fim = fim_tokens_from_vocab(tokenizer.get_vocab().keys())
         loaded = LoadedModel(model, tokenizer, config, weights, draft_model, fim)
+        loaded.prefix = make_prefix_cache(self.model_id, self.spec)
         return loaded, template, self._make_info(loaded, template)
 
     def _check_settings(self) -> None:
@@ -234,6 +237,12 @@ class MLXEngine:
             raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
         return self._info
 
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The loaded model's prefix cache (None when unloaded or disabled); engine thread only,
+        except its `nbytes` and len()."""
+        return self._loaded.prefix if self._loaded is not None else None
+
     def memory_bytes(self) -> int:
         return sum(self.memory_breakdown().values())
 
@@ -241,7 +250,8 @@ class MLXEngine:
         loaded = self._loaded
         if loaded is None:
             return {"weights": 0, "kv_cache": 0}
-        return {"weights": loaded.weights_bytes, "kv_cache": loaded.kv_bytes}
+        prefix = loaded.prefix.nbytes if loaded.prefix is not None else 0
+        return {"weights": loaded.weights_bytes, "kv_cache": loaded.kv_bytes + prefix}
 
     async def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's exact token count, also when it would not fit the context."""
@@ -393,7 +403,9 @@ def _embed_on_thread(loaded: LoadedModel, batches: list[list[int]]) -> list[list
     return out
 
 
-def _release_memory() -> None:
+def _release_memory(loaded: LoadedModel | None) -> None:
+    if loaded is not None and loaded.prefix is not None:
+        loaded.prefix.clear()  # MLX arrays are freed on the thread that made them
     gc.collect()
     clear = getattr(mx, "clear_cache", None) or mx.metal.clear_cache  # the latter before MLX 0.26
     clear()

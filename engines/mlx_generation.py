@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_serve.profiles.schema import ModelSpec
 
 from .constrained import JsonConstraint
-from .mlx_sampling import ResolvedSampling, token_logprob
+from .mlx_prefix_cache import PrefixCache
+from .mlx_sampling import PENALTY_CONTEXT, ResolvedSampling, token_logprob
 from .postprocess import OutputPipeline
 from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
 from .reasoning import ReasoningFormat
@@ -49,6 +50,7 @@ class LoadedModel:
     fim_tokens: tuple[str, str, str] | None = None  # (prefix, suffix, middle) when the vocab has them
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     kv_bytes: int = 0  # KV cache of the running request, refreshed by the engine thread
+    prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx_prefix_cache)
 
 
 @dataclass
@@ -76,26 +78,55 @@ class DecodePlan:
 
 
 def token_stream(
-    loaded: LoadedModel, spec: ModelSpec, plan: DecodePlan, drafts: DraftCounters
+    loaded: LoadedModel,
+    spec: ModelSpec,
+    plan: DecodePlan,
+    drafts: DraftCounters,
+    cache: list[Any] | None = None,
+    cached: int = 0,
 ) -> tuple[TokenStream, list[Any]]:
-    """The generator for this model's decoding mode, and the KV caches it fills."""
+    """The generator for this model's decoding mode, and the KV caches it fills.
+
+    `cache`, when given, already holds the first `cached` prompt tokens (a prefix-cache hit): only
+    the rest of the prompt is prefilled.
+    """
     s = plan.sampling
-    prompt = mx.array(plan.prompt_ids, mx.uint32)
+    prompt = mx.array(plan.prompt_ids[cached:], mx.uint32)
+    history = plan.prompt_ids[:cached]
     kv = spec.kv_cache
     quant: dict[str, Any] = {}
     if kv is not None and kv.bits is not None:
         quant = {"kv_bits": kv.bits, "kv_group_size": kv.group_size, "quantized_kv_start": kv.start}
-    common: dict[str, Any] = {
-        "max_tokens": s.max_tokens,
-        "sampler": s.sampler(),
-        # The JSON constraint goes last: it must see the logits every other processor produced.
-        "logits_processors": s.logits_processors() + ([plan.constraint] if plan.constraint else []),
-        **quant,
-    }
+    # The JSON constraint goes last: it must see the logits every other processor produced.
+    processors = s.logits_processors() + ([plan.constraint] if plan.constraint else [])
+    common: dict[str, Any] = {"max_tokens": s.max_tokens, "sampler": s.sampler(), **quant}
     speculative = spec.speculative
+    if speculative is not None and speculative.prompt_lookup is not None:
+        lookup = speculative.prompt_lookup
+        if cache is None:
+            cache = make_prompt_cache(loaded.model, max_kv_size=kv.max_size if kv else None)
+        stream = prompt_lookup_generate_step(
+            prompt,
+            loaded.model,
+            num_pred_tokens=lookup.num_pred_tokens,
+            max_ngram=lookup.max_ngram,
+            min_ngram=lookup.min_ngram,
+            min_acceptance=lookup.min_acceptance,
+            prompt_cache=cache,
+            cached=history,
+            counters=drafts,
+            logits_processors=processors,
+            **common,
+        )
+        return stream, cache
+    # mlx-lm's generators show the processors only the tokens they were given.
+    common["logits_processors"] = (
+        [_WithHistory(processors, history)] if history and processors else processors
+    )
     if loaded.draft_model is not None and speculative is not None:
         # mlx-lm needs trimmable caches here, so max_kv_size does not apply (see MLXEngine.load).
-        cache = make_prompt_cache(loaded.model) + make_prompt_cache(loaded.draft_model)
+        if cache is None:
+            cache = make_prompt_cache(loaded.model) + make_prompt_cache(loaded.draft_model)
         raw = speculative_generate_step(
             prompt,
             loaded.model,
@@ -105,21 +136,25 @@ def token_stream(
             **common,
         )
         return _count_drafts(raw, speculative.num_draft_tokens, s.max_tokens, drafts), cache
-    cache = make_prompt_cache(loaded.model, max_kv_size=kv.max_size if kv else None)
-    if speculative is not None and speculative.prompt_lookup is not None:
-        lookup = speculative.prompt_lookup
-        stream = prompt_lookup_generate_step(
-            prompt,
-            loaded.model,
-            num_pred_tokens=lookup.num_pred_tokens,
-            max_ngram=lookup.max_ngram,
-            min_ngram=lookup.min_ngram,
-            prompt_cache=cache,
-            counters=drafts,
-            **common,
-        )
-        return stream, cache
+    if cache is None:
+        cache = make_prompt_cache(loaded.model, max_kv_size=kv.max_size if kv else None)
     return _plain(generate_step(prompt, loaded.model, prompt_cache=cache, **common)), cache
+
+
+class _WithHistory:
+    """A request's logits processors when its first tokens came from the prefix cache: they see
+    those tokens too (the penalties' window reaches back PENALTY_CONTEXT tokens), as they would
+    have without the cache."""
+
+    def __init__(self, processors: list[Any], history: Sequence[int]) -> None:
+        self._processors = processors
+        self._history = mx.array(history[-PENALTY_CONTEXT:], mx.uint32)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        context = mx.concatenate([self._history, tokens.astype(mx.uint32)])
+        for processor in self._processors:
+            logits = processor(context, logits)
+        return logits
 
 
 def _plain(steps: Iterator[tuple[int, mx.array]]) -> TokenStream:
@@ -162,8 +197,9 @@ class RequestOutput:
     the engine thread. The caller counts `completion` (every token the model produced for it).
     """
 
-    def __init__(self, loaded: LoadedModel, plan: DecodePlan, emit: Emit) -> None:
+    def __init__(self, loaded: LoadedModel, plan: DecodePlan, emit: Emit, cached: int = 0) -> None:
         self._plan = plan
+        self._cached = cached  # prompt tokens that came from the prefix cache
         self._emit = emit
         self._tokenizer, self._lock = loaded.tokenizer, loaded.tokenizer_lock
         self._eos = loaded.tokenizer.eos_token_ids
@@ -209,6 +245,7 @@ class RequestOutput:
         usage = Usage(
             prompt_tokens=len(self._plan.prompt_ids),
             completion_tokens=self.completion,
+            cached_prompt_tokens=self._cached,
             drafted_tokens=drafts.drafted if drafts else 0,
             accepted_draft_tokens=drafts.accepted if drafts else 0,
         )
@@ -229,28 +266,48 @@ def run_generation(
     drafts = DraftCounters()
     if plan.sampling.seed is not None:
         mx.random.seed(plan.sampling.seed)
-    out = RequestOutput(loaded, plan, emit)
+    prefix = loaded.prefix
+    reused, cached = prefix.lookup(plan.prompt_ids) if prefix is not None else (None, 0)
+    out = RequestOutput(loaded, plan, emit, cached)
     tokens: TokenStream | None = None
+    generated: list[int] = []  # the KV cache holds (a prefix of) prompt + generated
     try:
-        tokens, cache = token_stream(loaded, spec, plan, drafts)
+        tokens, cache = token_stream(loaded, spec, plan, drafts, reused, cached)
+        del reused
         with wired_limit(loaded.model, [generation_stream]):  # a no-op without Metal
             for token, logprobs, _from_draft in tokens:
+                generated.append(token)
                 out.completion += 1
                 counters.tokens_generated += 1
                 if cancelled.is_set():
-                    return  # the consumer is gone: nobody to tell
+                    break  # the consumer is gone: nobody to tell
                 if out.completion % KV_REFRESH_TOKENS == 1:
                     loaded.kv_bytes = _cache_bytes(cache)
                 if out.feed(token, logprobs):
                     break
-        out.finish(drafts)
+        tokens.close()  # the generators' cleanup (speculative cache rewind) first
+        loaded.kv_bytes = 0  # the running cache becomes an entry (or garbage): never counted twice
+        keep_prefix(loaded, plan.prompt_ids + tuple(generated), cache)  # before Finished: counted then
+        if not cancelled.is_set():
+            out.finish(drafts)
     except Exception as exc:  # mid-stream failure: the stream still ends with Finished
         log.exception("generation failed")
         out.fail(exc, drafts)
     finally:
         if tokens is not None:
-            tokens.close()  # runs the generators' cleanup (speculative cache rewind)
+            tokens.close()
         loaded.kv_bytes = 0
+
+
+def keep_prefix(loaded: LoadedModel, sequence: Sequence[int], cache: list[Any]) -> None:
+    """Hand a finished request's KV cache to the prefix cache. A failure here costs later requests
+    a cache hit, never this request its answer."""
+    if loaded.prefix is None:
+        return
+    try:
+        loaded.prefix.store(sequence, cache)
+    except Exception:
+        log.exception("could not keep the KV cache for reuse")
 
 
 def _cache_bytes(cache: list[Any]) -> int:

@@ -26,6 +26,8 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from .speculation_gate import SpeculationGate
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -92,9 +94,11 @@ def prompt_lookup_generate_step(
     num_pred_tokens: int = 10,
     max_ngram: int = 3,
     min_ngram: int = 1,
+    min_acceptance: float = 0.0,
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
     prompt_cache: list[Any] | None = None,
+    cached: Sequence[int] = (),
     prefill_step_size: int = 2048,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
@@ -102,7 +106,12 @@ def prompt_lookup_generate_step(
     counters: DraftCounters | None = None,
     stream: Any = generation_stream,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
-    """Yield (token, logprobs over the vocabulary, from_draft) until max_tokens (-1: no limit)."""
+    """Yield (token, logprobs over the vocabulary, from_draft) until max_tokens (-1: no limit).
+
+    `cached`: the tokens `prompt_cache` already holds, before `prompt` (a prefix-cache hit); they
+    are looked up for drafts and shown to the logits processors like the rest of the prompt.
+    `min_acceptance`: the request's SpeculationGate threshold (0: always draft).
+    """
     sampler = sampler or greedy_sampler
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     counters = counters if counters is not None else DraftCounters()
@@ -113,7 +122,8 @@ def prompt_lookup_generate_step(
         kv_bits=kv_bits,
     )
     index = NgramIndex(min_ngram, max_ngram)
-    index.extend(prompt.tolist())
+    index.extend([*cached, *prompt.tolist()])
+    gate = SpeculationGate(min_acceptance)
 
     def verify(inputs: mx.array, seen: mx.array | None) -> tuple[mx.array, mx.array]:
         """Sampled token and logprobs at every input position, from one forward pass."""
@@ -142,11 +152,13 @@ def prompt_lookup_generate_step(
             mx.eval([c.state for c in cache])
             y = y[n:]
             mx.clear_cache()
-        seen = prompt[:-1].astype(mx.uint32) if logits_processors else None  # tokens in the cache
+        seen = None  # the tokens in the cache, for the logits processors
+        if logits_processors:
+            seen = mx.concatenate([mx.array(cached, mx.uint32), prompt[:-1].astype(mx.uint32)])
         produced = 0
         while max_tokens < 0 or produced < max_tokens:
             left = num_pred_tokens if max_tokens < 0 else min(num_pred_tokens, max_tokens - produced)
-            draft = index.propose(_draft_room(cache, left))
+            draft = index.propose(_draft_room(cache, left)) if gate.open else []
             inputs = mx.concatenate([y, mx.array(draft, mx.uint32)]) if draft else y
             picks, logprobs = verify(inputs, seen)
             mx.eval(picks, logprobs)
@@ -157,6 +169,10 @@ def prompt_lookup_generate_step(
             trim_prompt_cache(cache, len(draft) - accepted)  # the cache now ends at the last kept input
             counters.drafted += len(draft)
             counters.accepted += accepted
+            if draft:
+                gate.record(len(draft), accepted)
+            else:
+                gate.decoded_without_draft()
             emitted = [*draft[:accepted], chosen[accepted]]
             if max_tokens >= 0:
                 emitted = emitted[: max_tokens - produced]

@@ -469,14 +469,20 @@ async def test_closing_the_stream_stops_generation(tiny: MLXEngine, how: str) ->
     assert 0 <= extra <= 2, f"{extra} tokens generated after the stream was closed"
 
 
-async def test_memory_counts_weights_and_the_running_kv_cache(tiny: MLXEngine) -> None:
-    idle = tiny.memory_bytes()
-    assert idle >= 6_000_000 * 4  # ~6.4M float32 parameters
-    peak = idle
-    async for event in tiny.generate(raw("Memory", max_tokens=40)):
+async def test_memory_counts_weights_the_running_kv_cache_and_kept_prefixes(tiny: MLXEngine) -> None:
+    prefix = tiny.prefix_cache
+    assert prefix is not None
+    idle = tiny.memory_breakdown()
+    assert idle["weights"] >= 6_000_000 * 4  # ~6.4M float32 parameters
+    assert idle["kv_cache"] == prefix.nbytes  # what earlier tests left in the prefix cache
+    running = 0
+    async for event in tiny.generate(raw("Memory of a prompt nobody sent before", max_tokens=40)):
         if not isinstance(event, Finished):
-            peak = max(peak, tiny.memory_bytes())
-    assert peak > idle and tiny.memory_bytes() == idle
+            running = max(running, tiny.memory_breakdown()["kv_cache"] - idle["kv_cache"])
+    after = tiny.memory_breakdown()
+    assert running > 0 and after["weights"] == idle["weights"]
+    # The request's KV cache (over min_tokens) was kept for reuse: counted once, as a prefix.
+    assert after["kv_cache"] == prefix.nbytes > idle["kv_cache"]
 
 
 async def test_unload_frees_and_generate_then_fails(tiny_mlx: Path) -> None:
