@@ -19,6 +19,7 @@ from mlx_serve.apis.context import limits
 from mlx_serve.apis.context import registry as get_registry
 from mlx_serve.apis.errors import RequestError, classify
 from mlx_serve.apis.generation import collect, open_generation
+from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.types import Event, Finished, GenerationRequest
 from mlx_serve.profiles.units import parse_duration
 
@@ -117,7 +118,7 @@ async def stream(
     try:
         async for event in events:
             if isinstance(event, Finished) and event.reason == "error":
-                obj: dict[str, Any] | None = {"error": f"generation failed: {event.error}"}
+                obj: dict[str, Any] | None = {"error": redact_home(f"generation failed: {event.error}")}
             elif isinstance(event, Finished):
                 obj = translate.final_chunk(dialect, model, event, timings(time.monotonic()))
             else:
