@@ -13,11 +13,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
 from mlx_serve.daemon.admission import INTERACTIVE, NORMAL
+from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.types import (
     Event,
     Finished,
@@ -149,6 +150,8 @@ async def _generate(request, dialect, model, gen, keep_alive, registry) -> Async
                             stats.first_token_at = now
                         stats.token_times.append(now)
                     elif isinstance(event, Finished):
+                        if event.error:  # engine errors may name model files: every dialect sends them
+                            event = replace(event, error=redact_home(event.error))
                         stats.finished = event
                     yield event
             finally:

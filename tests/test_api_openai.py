@@ -250,7 +250,7 @@ def user(text: str) -> list[dict[str, Any]]:
 
 
 def loaded(daemon) -> set[str]:
-    return {m["id"] for m in daemon.get_json("/ready")["models"] if m["state"] == "loaded"}
+    return {m["id"] for m in daemon.get_json("/status")["models"] if m["state"] == "loaded"}
 
 
 def test_models_list_and_retrieve(daemon, client: openai.OpenAI, http: httpx.Client) -> None:
