@@ -20,8 +20,11 @@ its own stream it costs the others nothing. A new request takes the free slot sh
 prompt prefix if that covers half its prompt, drops the rest of that sequence
 (llama_memory_seq_rm) and decodes only what differs (editors resend nearly the same prompt). Else
 it takes the free slot that keeps the running sequence ids most contiguous (llama.cpp decodes one
-pass per run of consecutive ids), empty and least recently used first. Prompt lookup drafts only
-while a sequence is alone: with others in the batch, drafts would slow everyone down.
+pass per run of consecutive ids), empty and least recently used first. Beyond the slots, the
+prefix store (llamacpp_prefix_cache.py) keeps the KV a slot is about to lose in host memory and
+restores it into a slot when it shares more with a new prompt than any free slot does.
+Prompt lookup drafts only while a sequence is alone (with others in the batch, drafts would slow
+everyone down) and while its SpeculationGate is open (enough of its drafts are accepted).
 
 Batched output equals solo output: each sequence's attention runs over its own stream, the same
 kernels as alone, and the quantized matmuls are exact per row (SmolLM2 matches bit for bit; the
@@ -49,6 +52,8 @@ from mlx_serve.profiles.schema import PromptLookup
 
 from . import llamacpp_decode as dec
 from .errors import EngineError, EngineNotLoadedError
+from .llamacpp_prefix_cache import PrefixStore
+from .speculation_gate import SpeculationGate
 from .types import Event, Finished
 
 T = TypeVar("T")
@@ -103,8 +108,9 @@ class _Slot:
 class _Sequence:
     """One request in the batch."""
 
-    def __init__(self, prep: dec.Prepared, client: _Client) -> None:
+    def __init__(self, prep: dec.Prepared, client: _Client, gate: SpeculationGate | None) -> None:
         self.prep, self.client, self.cancelled = prep, client, client.cancelled
+        self.gate = gate  # with prompt lookup: whether drafting pays for this request
         self.sampler = dec.make_sampler(prep.model.llm, prep.sampling)
         self.argmax = dec.plain_greedy(prep.sampling)  # the first maximum: what the sampler picks, cheaper
         self.output = dec.Output(prep, prep.model.decoder)
@@ -132,8 +138,10 @@ class BatchScheduler:
         llm: llama_cpp.Llama,
         lookup: PromptLookup | None,
         count: Callable[[int], None],  # called with the number of tokens sampled
+        prefixes: PrefixStore | None = None,  # earlier prompts' KV beyond what the slots hold
     ) -> None:
         self._thread, self.llm, self._lookup, self._count = thread, llm, lookup, count
+        self._prefixes = prefixes
         self._capacity = llm.n_batch  # tokens per llama_decode (the context's n_batch)
         self._vocab = llm.n_vocab()
         self._batch = LlamaBatch(n_tokens=self._capacity, embd=0, n_seq_max=1, verbose=False)
@@ -260,27 +268,42 @@ class BatchScheduler:
             prep = prepare()
             if prep.model.llm is not self.llm:
                 raise EngineNotLoadedError("the model was reloaded")
-            self._seqs.append(_Sequence(prep, client))
+            gate = SpeculationGate(self._lookup.min_acceptance) if self._lookup else None
+            self._seqs.append(_Sequence(prep, client, gate))
         except BaseException as exc:
             self._outbox.append((client, _Failure(exc)))
 
     def _assign(self, seq: _Sequence) -> bool:
         """Give `seq` the free slot sharing the longest prompt prefix if that covers at least half
         the prompt (llama.cpp server's rule: sharing a BOS or a short system prompt is not worth
-        evicting a long cache), else the one keeping the running ids contiguous (module doc)."""
+        evicting a long cache), else the one keeping the running ids contiguous (module doc). An
+        entry of the prefix store sharing more than every free slot is restored into the latter.
+        Whatever KV the chosen slot loses goes to the store first, if worth keeping."""
         free = [slot for slot in self._slots if not slot.busy]
         if not free:
             return False
-        prompt = seq.prep.tokens
+        prompt, store = seq.prep.tokens, self._prefixes
         shared = {id(slot): dec.common_prefix(slot.cached, prompt) for slot in free}
         slot = max(free, key=lambda s: shared[id(s)])
-        if 2 * shared[id(slot)] < len(prompt):
-            busy = {s.seq_id for s in self._slots if s.busy}
-            slot = min(free, key=lambda s: (_runs(busy | {s.seq_id}), bool(s.cached), s.released))
-        keep = min(shared[id(slot)], len(prompt) - 1)  # decode at least one token: fresh logits
+        entry, stored = store.match(prompt) if store is not None else (None, 0)
+        if store is not None and entry is not None and stored > shared[id(slot)]:
+            slot = self._coldest(free)
+            slot.cached = store.swap(slot.seq_id, slot.cached, entry)
+            keep = min(stored, len(prompt) - 1) if slot.cached else 0
+        else:
+            if 2 * shared[id(slot)] < len(prompt):
+                slot = self._coldest(free)
+            keep = min(shared[id(slot)], len(prompt) - 1)  # decode at least one token: fresh logits
+            if store is not None:
+                store.offload(slot.seq_id, slot.cached, keep)
         self._trim(slot, keep)
         slot.busy, seq.slot, seq.cached, seq.fed = True, slot, len(slot.cached), len(slot.cached)
         return True
+
+    def _coldest(self, free: list[_Slot]) -> _Slot:
+        """The free slot keeping the running ids contiguous; empty, then least recently used first."""
+        busy = {s.seq_id for s in self._slots if s.busy}
+        return min(free, key=lambda s: (_runs(busy | {s.seq_id}), bool(s.cached), s.released))
 
     def _trim(self, slot: _Slot, keep: int) -> None:
         """Drop the slot's KV from position `keep` on."""
@@ -347,7 +370,9 @@ class BatchScheduler:
 
     def _draft(self, seq: _Sequence) -> list[int]:
         lookup = self._lookup
-        assert lookup is not None
+        assert lookup is not None and seq.gate is not None
+        if not seq.gate.open:
+            return []
         room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
         if room <= 0:
             return []
@@ -370,7 +395,7 @@ class BatchScheduler:
         sample that differs from the draft ends it; the rest of the draft leaves the cache)."""
         assert seq.slot is not None
         prep, out, ctx = seq.prep, seq.output, self.llm._ctx
-        i, token = 0, -1
+        i, token, accepted = 0, -1, 0
         for i, row in enumerate(seq.rows):
             if prep.constraint is not None:
                 prep.constraint.mask_llama_logits(self.llm, row)
@@ -389,6 +414,9 @@ class BatchScheduler:
             if out.done or i >= len(seq.draft) or token != seq.draft[i]:
                 break
             seq.stats.accepted += 1
+            accepted += 1
+        if seq.gate is not None:
+            seq.gate.record(len(seq.draft), accepted) if seq.draft else seq.gate.decoded_without_draft()
         self._trim(seq.slot, len(seq.slot.cached) - len(seq.rows) + 1 + i)  # unverified draft tokens
         seq.next = token
         if out.done:

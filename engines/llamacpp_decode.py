@@ -3,7 +3,8 @@ per-token logprobs, prompt-lookup drafts verified in one batch, token pieces, an
 one request (Output), shared by the one-at-a-time path and the batch scheduler (llamacpp_batch.py).
 
 Runs only on the engine's thread. `Llama.input_ids[:n_tokens]` always mirrors the KV cache, so
-the next request can reuse the longest common prefix (as `Llama.generate` does).
+the next request can reuse the longest common prefix (as `Llama.generate` does), or an earlier
+prompt's KV from the prefix store (llamacpp_prefix_cache.py) when that shares more.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import codecs
 import ctypes
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
@@ -23,8 +24,12 @@ from mlx_serve.profiles.schema import PromptLookup
 from .constrained import JsonConstraint
 from .postprocess import OutputPipeline
 from .reasoning import ReasoningFormat
+from .speculation_gate import SpeculationGate
 from .toolcalls import ToolFormat
 from .types import Event, Finished, FinishReason, TokenLogprob, Usage
+
+if TYPE_CHECKING:
+    from .llamacpp_prefix_cache import PrefixStore
 
 PENALTY_LAST_N = 64
 
@@ -94,14 +99,23 @@ class Decoder:
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token))
 
-    def prefill(self, tokens: list[int]) -> int:
-        """Decode the prompt, reusing the longest cached prefix; returns the reused token count."""
-        llm, common = self.llm, 0
-        if llm.n_tokens:
-            common = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
-            common = min(common, len(tokens) - 1)  # decode at least one token: we need fresh logits
-            if common and not llm._ctx.kv_cache_seq_rm(-1, common, -1):
-                common = 0
+    def prefill(self, tokens: list[int], store: PrefixStore | None = None) -> int:
+        """Decode the prompt, reusing the longest cached prefix: the context's own KV, or an entry
+        of the prefix `store` if that shares more; returns the reused token count."""
+        llm = self.llm
+        held = llm.input_ids[: llm.n_tokens]
+        common = common_prefix(held, tokens)
+        if store is not None:
+            entry, stored = store.match(tokens)
+            if entry is not None and stored > common:
+                restored = store.swap(0, held, entry)
+                llm.input_ids[: len(restored)] = restored
+                llm.n_tokens, common = len(restored), stored if restored else 0
+            else:
+                store.offload(0, held, min(common, len(tokens) - 1))
+        common = min(common, len(tokens) - 1)  # decode at least one token: we need fresh logits
+        if common and not llm._ctx.kv_cache_seq_rm(-1, common, -1):
+            common = 0
         if not common:
             forget_cache(llm)
         llm.n_tokens = common
@@ -123,14 +137,17 @@ class Decoder:
 
         With `lookup`, drafts from prompt + output are decoded in one batch and each position is
         sampled in turn; the first sample that differs from the draft ends the run and the rest of
-        the draft is dropped from the cache, so the output is what plain decoding would give.
+        the draft is dropped from the cache, so the output is what plain decoding would give. A
+        SpeculationGate per request stops drafting while too few drafts are accepted (novel text).
         A `constraint` masks each position's logits to its grammar before sampling.
         """
         llm, stats = self.llm, stats or DraftStats()
+        gate = SpeculationGate(lookup.min_acceptance) if lookup is not None else None
         history = np.empty(len(prompt) + budget, dtype=np.intc)
         history[: len(prompt)] = prompt
         size, produced, draft = len(prompt), 0, []
         while True:
+            accepted = 0
             for i in range(len(draft) + 1):
                 idx = i if draft else -1  # batch index of the logits that predict this token
                 if constraint is not None:
@@ -145,14 +162,17 @@ class Decoder:
                     return
                 if i < len(draft) and token == draft[i]:
                     stats.accepted += 1
+                    accepted += 1
                     continue
                 if i < len(draft):  # rejected: drop the unverified rest of the draft from the cache
                     keep = llm.n_tokens - (len(draft) - i)
                     llm._ctx.kv_cache_seq_rm(-1, keep, -1)
                     llm.n_tokens = keep
                 break
+            if gate is not None:  # drafting pays only while enough of it is accepted
+                gate.record(len(draft), accepted) if draft else gate.decoded_without_draft()
             draft = []
-            if lookup is not None:
+            if lookup is not None and gate is not None and gate.open:
                 room = min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1)
                 draft = (
                     lookup_draft(history[:size], lookup.min_ngram, lookup.max_ngram, room) if room > 0 else []

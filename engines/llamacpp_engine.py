@@ -9,7 +9,8 @@ logits, and draft statistics for Usage (see llamacpp_decode.py). Loading, GGUF v
 profile's llama.cpp settings live in llamacpp_load.py.
 
 With `max_concurrency = 1` (the default) requests run one at a time, FIFO, each as one job on the
-engine thread (`_produce`), with KV prefix reuse across requests. With `max_concurrency = N > 1`
+engine thread (`_produce`), with KV prefix reuse across requests (the context's own KV, and
+earlier prompts' KV kept in host memory, llamacpp_prefix_cache.py). With `max_concurrency = N > 1`
 the context holds N sequences and requests decode together, joining and leaving between steps
 (continuous batching, llamacpp_batch.py). Embedding models never batch.
 """
@@ -36,6 +37,7 @@ from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, 
 from .llamacpp_batch import BatchScheduler
 from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
+from .llamacpp_prefix_cache import PrefixStore
 from .prompting import (
     ChatTemplate,
     TemplateError,
@@ -78,6 +80,7 @@ class _Model:
     reasoning: ReasoningFormat | None
     fim: tuple[str, str, str] | None
     batch: BatchScheduler | None = None  # max_concurrency > 1: requests decode together
+    prefixes: PrefixStore | None = None  # earlier prompts' KV in host memory (not for embeddings)
 
 
 class LlamaCppEngine:
@@ -108,9 +111,11 @@ class LlamaCppEngine:
             except BaseException:
                 await asyncio.to_thread(thread.close)
                 raise
+            if not self.spec.embedding:
+                model = dataclasses.replace(model, prefixes=PrefixStore(model.llm, self.spec.prefix_cache))
             if sequences(self.spec) > 1:  # load_llama made the context hold that many sequences
                 lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
-                batch = BatchScheduler(thread, model.llm, lookup, self._count)
+                batch = BatchScheduler(thread, model.llm, lookup, self._count, model.prefixes)
                 model = dataclasses.replace(model, batch=batch)
             self._thread, self._model = thread, model
 
@@ -208,7 +213,8 @@ class LlamaCppEngine:
         )
 
     def memory_bytes(self) -> int:
-        """Weights (file size) + the KV cache for n_ctx; 0 when not loaded."""
+        """Weights (file size) + the KV cache for n_ctx and the prefix store's entries; 0 when not
+        loaded."""
         return sum(self.memory_breakdown().values())
 
     def memory_breakdown(self) -> dict[str, int]:
@@ -218,7 +224,8 @@ class LlamaCppEngine:
         bits = self.spec.kv_cache.bits if self.spec.kv_cache else None
         return {
             "weights": model.header.file_size,
-            "kv_cache": kv_cache_bytes(model.header, model.llm.n_ctx(), bits),
+            "kv_cache": kv_cache_bytes(model.header, model.llm.n_ctx(), bits)
+            + (model.prefixes.nbytes if model.prefixes is not None else 0),
         }
 
     # ---- prompts ---------------------------------------------------------------------------
@@ -321,7 +328,7 @@ class LlamaCppEngine:
         stats = DraftStats()
         lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
         try:
-            cached = decoder.prefill(prep.tokens)
+            cached = decoder.prefill(prep.tokens, prep.model.prefixes)
             out = Output(prep, decoder)
             tokens = decoder.tokens(
                 sampler,
@@ -385,6 +392,8 @@ class LlamaCppEngine:
 def _close(model: _Model) -> None:
     if model.batch is not None:
         model.batch.close()
+    if model.prefixes is not None:
+        model.prefixes.clear()
     model.llm.close()
 
 
