@@ -8,6 +8,7 @@ mechanics; it never emits EOS, so generations run to max_tokens.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,10 @@ def chat(messages: Sequence[Message], max_tokens: int = 8) -> GenerationRequest:
     return GenerationRequest(messages=tuple(messages), sampling=sampling)
 
 
-def assert_same(warm: Result, cold: Result) -> None:
+def assert_same(warm: Result, cold: Result, tolerance: float = 1e-3) -> None:
     """The same greedy output, token for token (logprobs up to float noise of a split prefill)."""
     assert warm.tokens == cold.tokens and warm.text == cold.text
-    assert warm.logprobs == pytest.approx(cold.logprobs, abs=1e-3)
+    assert warm.logprobs == pytest.approx(cold.logprobs, abs=tolerance)
     assert warm.finished.reason == cold.finished.reason
     assert warm.finished.usage.prompt_tokens == cold.finished.usage.prompt_tokens
     assert warm.finished.usage.completion_tokens == cold.finished.usage.completion_tokens
@@ -262,6 +263,32 @@ async def test_prompt_lookup_and_draft_model_reuse_the_prefix(
             assert_same(second, await run(cold, raw(SHARED + " Second.", 30)))
     finally:
         await draft.unload()
+
+
+@engine_test
+async def test_quantized_kv_cache_prefixes_are_reused(
+    make_engine: Any, tiny_mlx: Path, tmp_path: Path
+) -> None:
+    # The tiny weights read as 2 heads of 32: a head size that KV quantization's group size divides.
+    folder = tmp_path / "tiny-head32"
+    folder.mkdir()
+    config = json.loads((tiny_mlx / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps(config | {"num_attention_heads": 2, "num_key_value_heads": 1})
+    )
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).symlink_to(tiny_mlx / name)
+    kv = {"bits": 4, "group_size": 32, "start": 0}
+    warm = await make_engine("tiny-kv4-warm", source=str(folder), kv_cache=kv)
+    cold = await make_engine(
+        "tiny-kv4-cold", source=str(folder), kv_cache=kv, prefix_cache={"enabled": False}
+    )
+    await run(warm, raw(SHARED + " First.", 20))
+    second = await run(warm, raw(SHARED + " Second.", 20))
+    assert second.cached > 500
+    # A split prefill attends to the prefix already quantized, a whole one to it in full precision
+    # (the same text here, logprobs a few thousandths apart).
+    assert_same(second, await run(cold, raw(SHARED + " Second.", 20)), tolerance=1e-2)
 
 
 @engine_test
