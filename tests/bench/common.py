@@ -79,7 +79,7 @@ class Settings:
             return cls(
                 True, runs or 1, 8, (1, 2), 200, 2.0, cores, 0,
                 turns=3, turn_words=12, turn_max_tokens=4, fim_edits=3, fim_max_tokens=4,
-                echo_max_tokens=16, chat_streams=4, reloads=2, reload_interval=0.5,
+                echo_max_tokens=16, chat_streams=2, reloads=2, reload_interval=0.5,
             )  # fmt: skip
         return cls(False, runs or 3, 128, (1, 2, 4, 8), 1500, 60.0, cores, 32)
 

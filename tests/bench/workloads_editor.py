@@ -4,7 +4,7 @@ FIM needs a model with FIM tokens: SmolLM2 with three specials renamed (fim_mode
 SmolLM2 compute) on llama.cpp, the tiny random FIM model on MLX (a GGUF source mlx-serve converts on
 load). Requests are OpenAI /v1/completions with `suffix` (mlx-serve and llama_cpp.server both
 build the FIM prompt from the model's tokens); mlx_lm.server has no FIM, so the MLX family has no
-peer. Every request sends the whole ~1500-token file around the cursor, as editors do.
+peer, and fim_under_load runs mlx-serve alone (see there). Every request sends the whole ~1500-token file around the cursor, as editors do.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ def fim_under_load(bench: Bench) -> None:
     n, edits = s.chat_streams, max(2, s.fim_edits // 2)
     loaded_case = f"{n} chats running"
     for key in FAMILIES:
-        with bench.servers(bench.family(key), max_concurrency=n + 1) as servers:
+        # mlx-serve only: llama_cpp.server serves one request at a time and a new one interrupts the
+        # running one, so back-to-back chats there just cut each other short (and take minutes)
+        with bench.servers(bench.family(key), max_concurrency=n + 1, peer=False) as servers:
             for run in range(s.runs):
                 for server in rotate(servers, run):
                     system, model = server.spec.name, server.spec.model_name
