@@ -137,7 +137,9 @@ class Decoder:
 
         With `lookup`, drafts from prompt + output are decoded in one batch and each position is
         sampled in turn; the first sample that differs from the draft ends the run and the rest of
-        the draft is dropped from the cache, so the output is what plain decoding would give. A
+        the draft is dropped from the cache, so the output is what plain decoding would give (bit
+        for bit with flash attention; without it llama.cpp's CPU attention rounds a multi-token
+        batch differently, enough to fork SmolLM2's greedy text after ~300 characters). A
         SpeculationGate per request stops drafting while too few drafts are accepted (novel text).
         A `constraint` masks each position's logits to its grammar before sampling.
         """

@@ -14,7 +14,7 @@ import pytest
 from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
 from mlx_serve.engines.llamacpp_load import kv_cache_bytes
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
-from mlx_serve.profiles.schema import ModelSpec, PrefixCache, PromptLookup, Speculative
+from mlx_serve.profiles.schema import KVCache, ModelSpec, PrefixCache, PromptLookup, Speculative
 
 SYSTEMS = {  # different from their first word on: conversations share only the template's first tokens
     "A": "Marine biologist here. You answer questions about ocean life: whales, coral reefs, tides, "
@@ -50,18 +50,20 @@ def stored(engine: LlamaCppEngine) -> int:
 
 def kv_base(engine: LlamaCppEngine) -> int:
     assert engine._model is not None
-    return kv_cache_bytes(engine._model.header, engine._model.llm.n_ctx(), None)
+    bits = engine.spec.kv_cache.bits if engine.spec.kv_cache else None
+    return kv_cache_bytes(engine._model.header, engine._model.llm.n_ctx(), bits)
 
 
-@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize(("slots", "kv_bits"), [(1, None), (2, None), (1, 8)])
 async def test_conversations_beyond_the_slots_come_back_from_the_store(
-    smollm2_gguf: Path, slots: int
+    smollm2_gguf: Path, slots: int, kv_bits: int | None
 ) -> None:
     """A, B, C in turn (more conversations than slots), then A again and A with a new question:
     A's KV comes back from the store, and the text is what an engine without the store writes."""
-    on = LlamaCppEngine("smol-pc", spec(smollm2_gguf, max_concurrency=slots))
+    kv = {"kv_cache": KVCache(bits=kv_bits)} if kv_bits else {}
+    on = LlamaCppEngine("smol-pc", spec(smollm2_gguf, max_concurrency=slots, **kv))
     off = LlamaCppEngine(
-        "smol-nopc", spec(smollm2_gguf, max_concurrency=slots, prefix_cache=PrefixCache(enabled=False))
+        "smol-nopc", spec(smollm2_gguf, max_concurrency=slots, prefix_cache=PrefixCache(enabled=False), **kv)
     )
     await on.load()
     await off.load()
