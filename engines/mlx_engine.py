@@ -30,6 +30,7 @@ from mlx_lm.utils import get_total_parameters
 
 from mlx_serve.profiles.schema import ModelSpec
 
+from . import mlx_prefix_store as prefix_store
 from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .mlx_batch import BatchScheduler, make_scheduler
@@ -119,7 +120,8 @@ class MLXEngine:
     def _load_on_thread(self) -> tuple[LoadedModel, ChatTemplate | None, EngineInfo]:
         self.counters.load_thread = threading.get_ident()
         self._check_settings()
-        model, tokenizer, config = _load_mlx(self.model_id, mlx_model_dir(self.model_id, self.spec))
+        model_dir = mlx_model_dir(self.model_id, self.spec)
+        model, tokenizer, config = _load_mlx(self.model_id, model_dir)
         self._check_kv_group(config)
         draft_model = None
         if self.spec.speculative is not None and self.spec.speculative.draft_model is not None:
@@ -129,6 +131,7 @@ class MLXEngine:
         fim = fim_tokens_from_vocab(tokenizer.get_vocab().keys())
         loaded = LoadedModel(model, tokenizer, config, weights, draft_model, fim)
         loaded.prefix = make_prefix_cache(self.model_id, self.spec)
+        loaded.prefix_dir = prefix_store.restore(self.model_id, self.spec, model_dir, loaded.prefix)
         return loaded, template, self._make_info(loaded, template)
 
     def _check_settings(self) -> None:
@@ -405,6 +408,7 @@ def _embed_on_thread(loaded: LoadedModel, batches: list[list[int]]) -> list[list
 
 def _release_memory(loaded: LoadedModel | None) -> None:
     if loaded is not None and loaded.prefix is not None:
+        prefix_store.persist(loaded.prefix, loaded.prefix_dir)
         loaded.prefix.clear()  # MLX arrays are freed on the thread that made them
     gc.collect()
     clear = getattr(mx, "clear_cache", None) or mx.metal.clear_cache  # the latter before MLX 0.26

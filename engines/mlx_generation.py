@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -51,6 +52,7 @@ class LoadedModel:
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     kv_bytes: int = 0  # KV cache of the running request, refreshed by the engine thread
     prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx_prefix_cache)
+    prefix_dir: Path | None = None  # where the prefix cache is saved on unload (prefix_cache.persist)
 
 
 @dataclass

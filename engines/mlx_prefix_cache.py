@@ -65,7 +65,7 @@ class PrefixCache:
         if best is None or best_len < self.min_tokens:
             return None, 0
         self._touch(best)
-        return [_view(c, best_len) for c in best.cache], best_len
+        return [view(c, best_len) for c in best.cache], best_len
 
     def store(self, tokens: Sequence[int], cache: list[Any]) -> bool:
         """Keep `cache` for reuse, keyed by the first tokens of `tokens` it holds (any KV beyond
@@ -92,6 +92,11 @@ class PrefixCache:
         self._entries.append(_Entry(ids, cache, size))
         self.nbytes += size
         return True
+
+    def entries(self) -> list[tuple[list[int], list[Any]]]:
+        """(tokens, KV cache) of every entry, least recently used first; the caches must not be
+        written (see `view` for a copy)."""
+        return [(e.tokens.tolist(), e.cache) for e in self._entries]
 
     def clear(self) -> None:
         """Drop every entry for good (the model is unloading)."""
@@ -130,7 +135,7 @@ def _held(cache: list[Any]) -> int:
     return min((int(getattr(c, "offset", 0)) for c in cache), default=0)
 
 
-def _view(c: Any, n: int) -> Any:
+def view(c: Any, n: int) -> Any:
     """A cache holding the first n tokens of `c`, sharing its arrays. Their length is exactly n,
     so the copy's first update allocates new arrays (KVCache grows by concatenation) and never
     writes into the stored ones."""

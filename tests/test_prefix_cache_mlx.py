@@ -239,6 +239,35 @@ async def test_unload_frees_the_prefix_cache(tiny_mlx: Path) -> None:
     await engine.unload()
 
 
+@engine_test
+async def test_persisted_prefixes_survive_a_reload(
+    cold: MLXEngine, tiny_mlx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLX_SERVE_HOME", str(tmp_path))
+    spec = ModelSpec(engine="mlx", source=str(tiny_mlx), prefix_cache={"persist": True})
+    first = MLXEngine("tiny-persist", spec)
+    await first.load()
+    await run(first, raw(SHARED + " Before the restart.", 10))
+    await first.unload()
+    files = list((tmp_path / "cache" / "kv").glob("tiny-persist-*/*.safetensors"))
+    assert len(files) == 1
+    second = MLXEngine("tiny-persist", spec)  # a new engine, as after a daemon restart
+    await second.load()
+    try:
+        assert len(prefix_of(second)) == 1
+        after = await run(second, raw(SHARED + " After the restart.", 10))
+        assert after.cached > 500
+        assert_same(after, await run(cold, raw(SHARED + " After the restart.", 10)))
+    finally:
+        await second.unload()
+    other = MLXEngine("tiny-persist", spec.model_copy(update={"context_length": 1024}))
+    await other.load()  # other settings: another folder, nothing read
+    try:
+        assert len(prefix_of(other)) == 0
+    finally:
+        await other.unload()
+
+
 # -- other decoding modes --------------------------------------------------------------------
 
 
