@@ -169,10 +169,13 @@ async def test_batched_requests_reuse_and_fill_the_cache(
     first = await run(batched, raw(SHARED + " Batch question zero?", 20))
     assert first.cached == 0 and len(prefix_of(batched)) == 1  # kept when it left the batch
     requests = [raw(SHARED + f" Batch question {i}?", 20 + i) for i in range(1, 4)]
+    requests.append(raw("Nothing in common with the others. " * 20, 25))  # a miss in the same batch
     together = await asyncio.gather(*(run(batched, r) for r in requests))
     assert batched.counters.batch_peak >= 2
-    for result, request in zip(together, requests, strict=True):
+    for result in together[:3]:
         assert result.cached >= first.finished.usage.prompt_tokens - 10
+    assert together[3].cached == 0
+    for result, request in zip(together, requests, strict=True):
         assert_same(result, await run(cold, request))
 
 
