@@ -98,7 +98,9 @@ class PrefixStore:
         entry = Entry(tokens, state)
         self._entries[next(self._ids)] = entry
         self.nbytes += entry.nbytes
-        log.debug("prefix cache: kept %d tokens (%.1f MiB), %d entries", n, entry.nbytes / 2**20, len(self._entries))
+        log.debug(
+            "prefix cache: kept %d tokens (%.1f MiB), %d entries", n, entry.nbytes / 2**20, len(self._entries)
+        )
 
     def swap(self, seq_id: int, held: Sequence[int] | np.ndarray, entry: Entry) -> list[int]:
         """Offload what sequence `seq_id` holds, then replace its KV with the entry's. Returns the
