@@ -256,6 +256,10 @@ def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_bits: int | None) -> int:
     return int(n_ctx * n_layer * n_head_kv * (k_len + v_len) * KV_TYPES[kv_bits][1])
 
 
+def _uses_prompt_lookup(spec: ModelSpec) -> bool:
+    return spec.speculative is not None and spec.speculative.prompt_lookup is not None
+
+
 def llama_kwargs(spec: ModelSpec, header: GGUFHeader) -> dict[str, Any]:
     threads = spec.threads or physical_cores()
     kv_bits = spec.kv_cache.bits if spec.kv_cache else None
@@ -265,7 +269,9 @@ def llama_kwargs(spec: ModelSpec, header: GGUFHeader) -> dict[str, Any]:
         "n_threads_batch": threads,
         "n_gpu_layers": spec.n_gpu_layers,
         # llama.cpp refuses a quantized V cache without flash attention, so kv bits turn it on.
-        "flash_attn": spec.flash_attn or kv_bits is not None,
+        # Prompt lookup does too: without it, attention over a batch of drafted tokens rounds
+        # differently from one token at a time, and greedy output would drift from plain decoding.
+        "flash_attn": spec.flash_attn or kv_bits is not None or _uses_prompt_lookup(spec),
         "embedding": spec.embedding,
         "verbose": False,
     }

@@ -133,6 +133,9 @@ def test_llama_settings_from_the_profile(tiny_gguf: Path, smollm2_gguf: Path) ->
     assert tuned["n_ctx"] == 1024 and tuned["n_threads"] == 3 and tuned["n_gpu_layers"] == 0
     # A quantized V cache needs flash attention in llama.cpp, so kv bits switch it on.
     assert tuned["flash_attn"] and tuned["type_k"] == tuned["type_v"] == llama_cpp.GGML_TYPE_Q4_0
+    # So does prompt lookup: drafts verified in one batch match one-at-a-time decoding only with it.
+    lookup = Speculative(prompt_lookup=PromptLookup())
+    assert llama_kwargs(spec(tiny_gguf, speculative=lookup), header)["flash_attn"]
     embed = llama_kwargs(spec(tiny_gguf, context_length=256, embedding=True), header)
     assert (
         embed["embedding"]
