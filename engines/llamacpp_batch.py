@@ -208,6 +208,10 @@ class BatchScheduler:
 
     # ---- the engine thread ---------------------------------------------------------------------
 
+    def held_sequences(self) -> list[tuple[int, list[int]]]:
+        """(sequence id, tokens whose KV it holds) per slot; engine thread, between steps."""
+        return [(slot.seq_id, list(slot.cached)) for slot in self._slots if slot.cached]
+
     def close(self) -> None:
         """Free the batch; runs on the engine thread before the model is freed."""
         self._closed = True

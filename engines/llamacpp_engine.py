@@ -32,12 +32,14 @@ import numpy as np
 
 from mlx_serve.profiles.schema import ModelSpec
 
+from . import llamacpp_prefix_disk as prefix_disk
 from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .llamacpp_batch import BatchScheduler
 from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
 from .llamacpp_prefix_cache import PrefixStore
+from .prefix_disk import store_dir
 from .prompting import (
     ChatTemplate,
     TemplateError,
@@ -79,8 +81,10 @@ class _Model:
     template: ChatTemplate | None
     reasoning: ReasoningFormat | None
     fim: tuple[str, str, str] | None
+    path: Path | None = None  # the GGUF file
     batch: BatchScheduler | None = None  # max_concurrency > 1: requests decode together
     prefixes: PrefixStore | None = None  # earlier prompts' KV in host memory (not for embeddings)
+    persist_to: Path | None = None  # prefix_cache.persist: where the store is saved on unload
 
 
 class LlamaCppEngine:
@@ -113,6 +117,10 @@ class LlamaCppEngine:
                 raise
             if not self.spec.embedding:
                 model = dataclasses.replace(model, prefixes=PrefixStore(model.llm, self.spec.prefix_cache))
+                if self.spec.prefix_cache.enabled and self.spec.prefix_cache.persist:
+                    folder = store_dir(self.model_id, self.spec, [model.path])
+                    model = dataclasses.replace(model, persist_to=folder)
+                    await thread.call(prefix_disk.load, model.prefixes, folder)
             if sequences(self.spec) > 1:  # load_llama made the context hold that many sequences
                 lookup = self.spec.speculative.prompt_lookup if self.spec.speculative else None
                 batch = BatchScheduler(thread, model.llm, lookup, self._count, model.prefixes)
@@ -123,7 +131,7 @@ class LlamaCppEngine:
         path = gguf_file(self.model_id, self.spec)
         llm, header = load_llama(self.model_id, path, self.spec)
         try:
-            return self._describe(llm, header)
+            return dataclasses.replace(self._describe(llm, header), path=path)
         except BaseException:
             llm.close()
             raise
@@ -390,11 +398,21 @@ class LlamaCppEngine:
 
 
 def _close(model: _Model) -> None:
+    if model.prefixes is not None and model.persist_to is not None:
+        prefix_disk.save(model.prefixes, _held_sequences(model), model.persist_to)
     if model.batch is not None:
         model.batch.close()
     if model.prefixes is not None:
         model.prefixes.clear()
     model.llm.close()
+
+
+def _held_sequences(model: _Model) -> list[tuple[int, list[int]]]:
+    """(sequence id, tokens whose KV it holds) for every sequence still holding KV."""
+    if model.batch is not None:
+        return model.batch.held_sequences()
+    llm = model.llm
+    return [(0, llm.input_ids[: llm.n_tokens].tolist())]
 
 
 async def _discard(thread: EngineThread, job: asyncio.Future[_Model]) -> None:

@@ -87,20 +87,26 @@ class PrefixStore:
         size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
         if size + tokens.nbytes > self.max_bytes:
             return
-        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, tokens) == len(e.tokens)]:
-            self._drop(key)  # a prefix of this one: this one serves every request it would
-        while self._entries and self.nbytes + size + tokens.nbytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
         state = np.empty(size, dtype=np.uint8)
         if llama_cpp.llama_state_seq_get_data(ctx, state.ctypes.data_as(_U8P), size, seq_id) != size:
             log.warning("prefix cache: could not copy the state of sequence %d", seq_id)
             return
+        self.add(tokens, state)
+        log.debug("prefix cache: kept %d tokens (%.1f MiB), %d entries", n, size / 2**20, len(self._entries))
+
+    def add(self, tokens: np.ndarray, state: np.ndarray) -> int:
+        """Keep (tokens, their KV state) as the most recently used entry, least recently used out
+        first to make room; returns 1 if kept, 0 if it does not qualify."""
         entry = Entry(tokens, state)
+        if not self.enabled or len(tokens) < self.min_tokens or entry.nbytes > self.max_bytes:
+            return 0
+        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            self._drop(key)  # a prefix of this one: this one serves every request it would
+        while self._entries and self.nbytes + entry.nbytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
         self._entries[next(self._ids)] = entry
         self.nbytes += entry.nbytes
-        log.debug(
-            "prefix cache: kept %d tokens (%.1f MiB), %d entries", n, entry.nbytes / 2**20, len(self._entries)
-        )
+        return 1
 
     def swap(self, seq_id: int, held: Sequence[int] | np.ndarray, entry: Entry) -> list[int]:
         """Offload what sequence `seq_id` holds, then replace its KV with the entry's. Returns the

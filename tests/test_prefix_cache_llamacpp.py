@@ -224,3 +224,45 @@ async def test_gate_keeps_drafting_when_drafts_pay(smollm2_gguf: Path) -> None:
         finally:
             await engine.unload()
     assert drafted[0] == drafted[1] and drafted[0][2] > 20
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_persisted_prefixes_survive_an_unload(
+    smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slots: int
+) -> None:
+    """persist = true: what the store and the slots hold is written on unload and read on load, so
+    the first request after a reload (or restart) reuses it; the text is unchanged."""
+    monkeypatch.setenv("MLX_SERVE_HOME", str(tmp_path))
+    settings = spec(smollm2_gguf, max_concurrency=slots, prefix_cache=PrefixCache(persist=True))
+    engine = LlamaCppEngine("smol-persist", settings)
+    await engine.load()
+    try:
+        first = {name: await run(engine, chat(name)) for name in "AB"}
+    finally:
+        await engine.unload()
+    files = list((tmp_path / "cache" / "kv").glob("smol-persist-*/*.npz"))
+    assert len(files) == 2, files  # A (offloaded when B took its slot, or held by a slot) and B
+    engine = LlamaCppEngine("smol-persist", settings)
+    await engine.load()
+    try:
+        assert stored(engine) > 0
+        for name in "AB":
+            text, done = await run(engine, chat(name))
+            assert text == first[name][0]
+            assert done.usage.cached_prompt_tokens >= len(SYSTEMS[name]) // 8  # most of the prompt
+    finally:
+        await engine.unload()
+    other = LlamaCppEngine(
+        "smol-persist",
+        spec(
+            smollm2_gguf,
+            max_concurrency=slots,
+            kv_cache=KVCache(bits=8),
+            prefix_cache=PrefixCache(persist=True),
+        ),
+    )
+    await other.load()  # other load settings: another folder, nothing read
+    try:
+        assert stored(other) == 0
+    finally:
+        await other.unload()
