@@ -11,13 +11,13 @@ store's byte bound. Engine thread only.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .llamacpp_prefix_cache import PrefixStore
+from .prefix_disk import replace_folder
 
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 
@@ -28,16 +28,16 @@ def save(store: PrefixStore, held: Iterable[tuple[int, Sequence[int]]], folder: 
     try:
         for seq_id, tokens in held:
             store.offload(seq_id, tokens, 0)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        entries = store.entries()
-        for i, entry in enumerate(entries):
-            np.savez(tmp / f"{i:05d}.npz", tokens=entry.tokens, state=entry.state)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        log.info("%d cached prefixes saved to %s", len(entries), folder)
-        return len(entries)
+
+        def write(tmp: Path) -> int:
+            entries = store.entries()
+            for i, entry in enumerate(entries):
+                np.savez(tmp / f"{i:05d}.npz", tokens=entry.tokens, state=entry.state)
+            return len(entries)
+
+        written = replace_folder(folder, write)
+        log.info("%d cached prefixes saved to %s", written, folder)
+        return written
     except Exception:
         log.exception("could not save the prefix cache to %s", folder)
         return 0

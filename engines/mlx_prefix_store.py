@@ -1,20 +1,15 @@
 """Prefix-cache entries on disk (`prefix_cache.persist`), so hot prefixes survive a reload or restart.
 
 Saved when the model unloads (the registry unloads every model on a graceful shutdown, and before
-reloading an edited one), loaded back when it loads. One folder per model identity under
-~/.mlx-serve/cache/kv/: a hash of the model id, the settings that shape its weights and KV cache,
-and its weight files' sizes and times, so a different model or a changed file never reads another's
-KV. One safetensors file per entry (mlx-lm's save_prompt_cache), its tokens in the metadata, oldest
+reloading an edited one), loaded back when it loads, in the model's folder (prefix_disk.py). One
+safetensors file per entry (mlx-lm's save_prompt_cache), its tokens in the metadata, oldest
 first so the LRU order survives. Engine thread only (DESIGN §4).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-import shutil
 from pathlib import Path
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
@@ -22,7 +17,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from mlx_serve.profiles.schema import ModelSpec
 
 from .mlx_prefix_cache import PrefixCache, view
-from .paths import cache_dir
+from .prefix_disk import replace_folder, store_dir
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 
@@ -32,7 +27,7 @@ def restore(model_id: str, spec: ModelSpec, model_dir: Path, prefix: PrefixCache
     save them to on unload (None: nothing to persist)."""
     if prefix is None or not spec.prefix_cache.persist:
         return None
-    folder = store_dir(model_id, spec, model_dir)
+    folder = store_dir(model_id, spec, list(model_dir.iterdir()))
     log.info("%s: %d cached prefixes read from %s", model_id, load(prefix, folder), folder)
     return folder
 
@@ -47,28 +42,17 @@ def persist(prefix: PrefixCache, folder: Path | None) -> None:
         log.exception("could not save the prefix cache to %s", folder)
 
 
-def store_dir(model_id: str, spec: ModelSpec, model_dir: Path) -> Path:
-    settings = spec.model_dump(mode="json", include=set(spec.LOAD_FIELDS) - {"prefix_cache"})
-    files = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir() if p.is_file()
-    )
-    key = json.dumps({"model": model_id, "settings": settings, "files": files}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir("kv", f"{re.sub(r'[^A-Za-z0-9._-]', '_', model_id)[:64]}-{digest}")
-
-
 def save(prefix: PrefixCache, folder: Path) -> int:
     """Replace the folder's entries with the cache's; returns how many were written."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    entries = prefix.entries()
-    for i, (tokens, cache) in enumerate(entries):
-        held = [view(c, c.offset) for c in cache]  # without the allocation padding
-        save_prompt_cache(str(tmp / f"{i:05d}.safetensors"), held, {"tokens": json.dumps(tokens)})
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return len(entries)
+
+    def write(tmp: Path) -> int:
+        entries = prefix.entries()
+        for i, (tokens, cache) in enumerate(entries):
+            held = [view(c, c.offset) for c in cache]  # without the allocation padding
+            save_prompt_cache(str(tmp / f"{i:05d}.safetensors"), held, {"tokens": json.dumps(tokens)})
+        return len(entries)
+
+    return replace_folder(folder, write)
 
 
 def load(prefix: PrefixCache, folder: Path) -> int:

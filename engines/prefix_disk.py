@@ -10,11 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from mlx_serve.profiles.schema import ModelSpec
 
 from .paths import cache_dir
+
+
+def replace_folder(folder: Path, write: Callable[[Path], int]) -> int:
+    """Run `write(tmp)` to fill a fresh temporary folder, then swap it in for `folder`, so a crash
+    mid-save leaves the previous entries, not a torn set. Returns what `write` returns."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    written = write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return written
 
 
 def store_dir(model_id: str, spec: ModelSpec, weight_files: list[Path]) -> Path:

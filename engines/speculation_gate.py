@@ -5,7 +5,8 @@ Verifying k drafted tokens costs a forward pass over k + 1 tokens; when few draf
 gate watches the acceptance rate over a sliding window of recent drafts; below `min_acceptance` it
 switches speculation off for a while, then probes again with a longer pause each time a probe
 fails (text that starts quoting the prompt later is caught; text that never does costs almost
-nothing). Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
+nothing). A probe is judged on its first verification alone: novel text drafts rarely, and waiting
+for a full window of evidence after every pause would let most of its drafting through. Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SpeculationGate:
         self._recent: deque[bool] = deque(maxlen=self.WINDOW)  # accepted? per drafted token
         self._paused_for = 0  # tokens still to decode without drafting
         self._next_pause = self.FIRST_PAUSE
+        self._probing = False  # the next verification decides whether the pause ends for good
 
     @property
     def open(self) -> bool:
@@ -35,15 +37,24 @@ class SpeculationGate:
         if drafted <= 0 or self.min_acceptance <= 0:
             return
         self._recent.extend([True] * accepted + [False] * (drafted - accepted))
+        if self._probing:
+            self._probing = False
+            if accepted / drafted < self.min_acceptance:
+                self._pause()
+            return
         if len(self._recent) < self.MIN_EVIDENCE:
             return
         rate = sum(self._recent) / len(self._recent)
         if rate < self.min_acceptance:
-            self._paused_for = self._next_pause
-            self._next_pause = min(self._next_pause * 2, self.MAX_PAUSE)
-            self._recent.clear()  # the probe after the pause is judged on fresh evidence
+            self._pause()
         elif rate >= 2 * self.min_acceptance:
             self._next_pause = self.FIRST_PAUSE  # paying off again: forgive earlier failures
+
+    def _pause(self) -> None:
+        self._paused_for = self._next_pause
+        self._next_pause = min(self._next_pause * 2, self.MAX_PAUSE)
+        self._recent.clear()
+        self._probing = True
 
     def decoded_without_draft(self, tokens: int = 1) -> None:
         """Tokens decoded one at a time while paused (or with nothing to draft) count the pause down."""
