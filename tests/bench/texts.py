@@ -1,6 +1,7 @@
-"""Prompt material for issue 11's workloads: a long shared system prompt, chat turns, a code file
-an editor completes at moving cursors, a function to rewrite. Everything is deterministic per
-`run` and differs between runs from its first line on, so no cache carries one run into the next.
+"""Prompt material: stories and long documents (issue 10's workloads); a long shared system prompt,
+chat turns, a code file an editor completes at moving cursors, a function to rewrite (issue 11's).
+Everything is deterministic per `run` and differs between runs from its first line on, so no cache
+carries one run into the next.
 
 Sizes are in tokens of SmolLM2's tokenizer (every model family here shares it), counted with a
 `count(text) -> int` the caller supplies.
@@ -11,12 +12,48 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from raw_engines import RawEngine
+
+TOPICS = (
+    "a dragon who learns to bake bread", "a lighthouse keeper during a winter storm",
+    "a robot exploring an abandoned city", "two friends sailing around the world",
+    "a young wizard's first day at school", "a detective solving a mystery in Paris",
+    "a family of foxes in an old forest", "an astronaut stranded on Mars",
+    "a musician who lost her voice", "a village that disappears every night",
+    "a cat who becomes mayor of a small town", "a knight afraid of the dark",
+    "a scientist who discovers a new color", "a boy who can talk to trees",
+    "a pirate searching for a lost map", "a baker who opens a shop on the moon",
+)  # fmt: skip
 WORDS = (
     "river mountain quiet garden window letter morning silver bridge harvest lantern meadow "
     "journey whisper forest candle ocean market thunder pebble harbor orchard shadow valley "
-    "compass feather station blanket library engine castle puzzle kettle village"
+    "compass feather meadow station blanket library engine castle puzzle kettle village"
 ).split()
+
+
+def story(run: int, stream: int) -> str:
+    """A prompt that makes SmolLM2 write long; distinct per (run, stream) from its first token."""
+    topic = TOPICS[(run * 8 + stream) % len(TOPICS)]
+    return f"Story {run}-{stream}: write a long, detailed story about {topic}."
+
+
+def long_prompt(run: int, target_tokens: int, raw: RawEngine) -> tuple[str, int]:
+    """A ~target_tokens chat prompt (counted with the model's own template), different every run."""
+    rng = random.Random(run)
+    n = target_tokens // 2
+    for _ in range(4):
+        words = [rng.choice(WORDS) for _ in range(n)]
+        text = f"Document {run}: " + " ".join(words) + "\nSummarize the document above in one sentence."
+        count = len(raw.chat_tokens(text))
+        if abs(count - target_tokens) <= target_tokens * 0.02:
+            break
+        n = max(1, round(n * target_tokens / count))
+    return text, count
+
+
 NOUNS = "sum mean spread peak floor count weight score total range".split()
 Count = Callable[[str], int]
 

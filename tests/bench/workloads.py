@@ -16,7 +16,6 @@ bench.raw() and bench.figures.add(), decorate it. Issue 11's workloads live in t
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ from client import chat_body, run_streams
 from common import Figure, Models, Settings, StreamResult
 from peers import LLAMA_CPP_SERVER, LOADED_AT_START, MLX_LM_SERVER, MLX_SERVE, Server, ServerSpec
 from raw_engines import LlamaRaw, MlxRaw, RawEngine
+from texts import long_prompt, story
 
 # metric -> (unit, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -174,44 +174,6 @@ def workload(name: str, description: str) -> Callable[[Workload], Workload]:
         return fn
 
     return register
-
-
-# ---- prompts ----------------------------------------------------------------------------
-TOPICS = (
-    "a dragon who learns to bake bread", "a lighthouse keeper during a winter storm",
-    "a robot exploring an abandoned city", "two friends sailing around the world",
-    "a young wizard's first day at school", "a detective solving a mystery in Paris",
-    "a family of foxes in an old forest", "an astronaut stranded on Mars",
-    "a musician who lost her voice", "a village that disappears every night",
-    "a cat who becomes mayor of a small town", "a knight afraid of the dark",
-    "a scientist who discovers a new color", "a boy who can talk to trees",
-    "a pirate searching for a lost map", "a baker who opens a shop on the moon",
-)  # fmt: skip
-WORDS = (
-    "river mountain quiet garden window letter morning silver bridge harvest lantern meadow "
-    "journey whisper forest candle ocean market thunder pebble harbor orchard shadow valley "
-    "compass feather meadow station blanket library engine castle puzzle kettle village"
-).split()
-
-
-def story(run: int, stream: int) -> str:
-    """A prompt that makes SmolLM2 write long; distinct per (run, stream) from its first token."""
-    topic = TOPICS[(run * 8 + stream) % len(TOPICS)]
-    return f"Story {run}-{stream}: write a long, detailed story about {topic}."
-
-
-def long_prompt(run: int, target_tokens: int, raw: RawEngine) -> tuple[str, int]:
-    """A ~target_tokens chat prompt (counted with the model's own template), different every run."""
-    rng = random.Random(run)
-    n = target_tokens // 2
-    for _ in range(4):
-        words = [rng.choice(WORDS) for _ in range(n)]
-        text = f"Document {run}: " + " ".join(words) + "\nSummarize the document above in one sentence."
-        count = len(raw.chat_tokens(text))
-        if abs(count - target_tokens) <= target_tokens * 0.02:
-            break
-        n = max(1, round(n * target_tokens / count))
-    return text, count
 
 
 def rotate(items: Sequence[Any], run: int) -> list[Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import texts
 from client import chat_body, completion_body, keep_streaming, session, stream_chat
 from common import StreamResult
-from workloads import Bench, median_or_none, record_failures, rotate, story, workload
+from workloads import Bench, median_or_none, record_failures, rotate, workload
 
 FAMILIES = ("llama.cpp smollm2-fim", "mlx tiny-fim")
 START_TIMEOUT = 300.0  # seconds for the chat streams to begin before FIM is measured anyway
@@ -107,7 +107,7 @@ def fim_under_load(bench: Bench) -> None:
                     system, model = server.spec.name, server.spec.model_name
 
                     def chat(c: int, i: int, model: str = model, run: int = run) -> dict:
-                        return chat_body(model, story(run * 10 + i, c), s.max_tokens)
+                        return chat_body(model, texts.story(run * 10 + i, c), s.max_tokens)
 
                     warm: dict[str, float | None] = {}
                     for phase, chats in rotate([("idle", 0), (loaded_case, n)], run):

@@ -25,7 +25,7 @@ import texts
 from client import chat_body, keep_streaming, run_streams, session
 from common import StreamResult
 from peers import MLX_SERVE, Server
-from workloads import Bench, record_failures, record_single, rotate, story, workload
+from workloads import Bench, record_failures, record_single, rotate, workload
 
 LOOKUP_ON, LOOKUP_OFF = MLX_SERVE, f"{MLX_SERVE} (lookup off)"
 WITH_RELOADS, NO_RELOADS = MLX_SERVE, f"{MLX_SERVE} (no reloads)"
@@ -129,7 +129,7 @@ def reloads(bench: Bench) -> None:
                 loads0 = _metric(server, "mlx_serve_model_loads_total")
 
                 def body(c: int, i: int, model: str = server.spec.model_name, run: int = run) -> dict:
-                    return chat_body(model, story(run * 50 + i, c), s.max_tokens)
+                    return chat_body(model, texts.story(run * 50 + i, c), s.max_tokens)
 
                 def edit(k: int, run: int = run) -> None:
                     _edit_profile(server, run * 100 + k)
