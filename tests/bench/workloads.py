@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import statistics
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -346,6 +348,7 @@ def ttl_release(bench: Bench) -> None:
         for _run in range(s.runs):
             spec = bench.spec(family, MLX_SERVE, ttl="1s")
             with Server(spec, bench.workdir / "logs") as server:
+                _wait_ready(server)  # the daemon imports its engine libraries after start
                 time.sleep(1.0)
                 before = server.rss_bytes()
                 r = run_streams(server.url, [chat_body(spec.model_name, "Say hi.", 2)])[0][0]
@@ -362,3 +365,15 @@ def ttl_release(bench: Bench) -> None:
                 f.add("ttl_release", key, MLX_SERVE, "rss_after_mb", after / mb, unloaded=unloaded)
                 f.add("ttl_release", key, MLX_SERVE, "after_over_before", after / before)
                 bench.log(f"  ttl {key}: {before / mb:.0f} -> {loaded / mb:.0f} -> {after / mb:.0f} MiB")
+
+
+def _wait_ready(server: Server, timeout: float = 60.0) -> None:
+    """Until /ready answers 200 (it says 503 while the engine libraries are being imported)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(server.url + "/ready", timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError(f"{server.spec.name} was not ready within {timeout:.0f}s")

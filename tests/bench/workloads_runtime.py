@@ -41,12 +41,20 @@ def prompt_lookup(bench: Bench) -> None:
         cases.append(("mlx smollm2", s.mlx_real_max_tokens))
     for key, max_tokens in cases:
         family = bench.family(key)
+        # Prompt lookup turns llama.cpp's flash attention on (batched verification matches plain
+        # decoding only with it): the lookup-off daemon uses it too, so both run the same kernels.
+        same_kernels = ("flash_attn = true",) if key.startswith("llama.cpp") else ()
         with ExitStack() as stack:
             servers = [
                 bench.start(
-                    stack, bench.spec(family, MLX_SERVE, profile_lines=LOOKUP_LINES, label=LOOKUP_ON)
+                    stack,
+                    bench.spec(
+                        family, MLX_SERVE, profile_lines=(*same_kernels, *LOOKUP_LINES), label=LOOKUP_ON
+                    ),
                 ),
-                bench.start(stack, bench.spec(family, MLX_SERVE, label=LOOKUP_OFF)),
+                bench.start(
+                    stack, bench.spec(family, MLX_SERVE, profile_lines=same_kernels, label=LOOKUP_OFF)
+                ),
             ]
             for run in range(s.runs):
                 for kind, prompt in (
