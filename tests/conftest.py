@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 # --import-mode=importlib gives tests/ no package, so load the helper by path under a unique name.
 # Test modules can then `import mlx_serve_test_models` for its helpers (e.g. write_llama_gguf, TINY).
@@ -107,3 +108,22 @@ def start_daemon(tmp_path: Path):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def make_mlx_engine():
+    """Factory: load an MLX engine in-process; every engine it made is unloaded after the module."""
+    from mlx_serve.engines.mlx_engine import MLXEngine  # MLX only for the modules that use it
+    from mlx_serve.profiles.schema import ModelSpec
+
+    engines: list[MLXEngine] = []
+
+    async def make(model_id: str, draft: tuple[str, ModelSpec] | None = None, **spec) -> MLXEngine:
+        engine = MLXEngine(model_id, ModelSpec(engine="mlx", **spec), draft=draft)
+        await engine.load()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.unload()

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,28 +108,13 @@ def uncached(finished: Finished) -> Finished:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def make_engine() -> AsyncIterator[Any]:
-    engines: list[MLXEngine] = []
-
-    async def make(model_id: str, **spec: Any) -> MLXEngine:
-        engine = MLXEngine(model_id, ModelSpec(engine="mlx", **spec))
-        await engine.load()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.unload()
+async def solo(make_mlx_engine: Any, tiny_mlx: Path) -> MLXEngine:
+    return await make_mlx_engine("tiny-solo", source=str(tiny_mlx))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def solo(make_engine: Any, tiny_mlx: Path) -> MLXEngine:
-    return await make_engine("tiny-solo", source=str(tiny_mlx))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def batched(make_engine: Any, tiny_mlx: Path) -> MLXEngine:
-    return await make_engine("tiny-batched", source=str(tiny_mlx), max_concurrency=8)
+async def batched(make_mlx_engine: Any, tiny_mlx: Path) -> MLXEngine:
+    return await make_mlx_engine("tiny-batched", source=str(tiny_mlx), max_concurrency=8)
 
 
 # -- equivalence -----------------------------------------------------------------------------
@@ -290,8 +275,8 @@ async def test_eight_concurrent_complete(solo: MLXEngine, batched: MLXEngine) ->
         assert_same(result, await run(solo, request))
 
 
-async def test_max_concurrency_caps_batch(make_engine: Any, solo: MLXEngine, tiny_mlx: Path) -> None:
-    engine = await make_engine("tiny-cap2", source=str(tiny_mlx), max_concurrency=2)
+async def test_max_concurrency_caps_batch(make_mlx_engine: Any, solo: MLXEngine, tiny_mlx: Path) -> None:
+    engine = await make_mlx_engine("tiny-cap2", source=str(tiny_mlx), max_concurrency=2)
     lengths = {"short": 15, "long": 80, "third": 15, "fourth": 15}
     order: list[tuple[str, str]] = []
 
@@ -299,7 +284,15 @@ async def test_max_concurrency_caps_batch(make_engine: Any, solo: MLXEngine, tin
         request = raw(f"{name} request", max_tokens=lengths[name])
         return await run(engine, request, lambda event: order.append((name, type(event).__name__)))
 
-    results = await asyncio.gather(*(one(name) for name in lengths))
+    # short and long first (tokenizing runs off the engine thread, so a gather of all four could
+    # enqueue them in any order), then third and fourth, which must wait for a free place
+    first = [asyncio.ensure_future(one(name)) for name in ("short", "long")]
+    for _ in range(3000):  # at most 30 s
+        if {name for name, _ in order} == {"short", "long"} or any(f.done() for f in first):
+            break
+        await asyncio.sleep(0.01)
+    later = [asyncio.ensure_future(one(name)) for name in ("third", "fourth")]
+    results = await asyncio.gather(*first, *later)
     assert engine.counters.batch_peak == 2
     assert [r.finished.usage.completion_tokens for r in results] == list(lengths.values())
     third_starts = order.index(next(e for e in order if e[0] == "third"))
@@ -308,22 +301,24 @@ async def test_max_concurrency_caps_batch(make_engine: Any, solo: MLXEngine, tin
         assert_same(result, await run(solo, raw(f"{name} request", max_tokens=lengths[name])))
 
 
-async def test_speculative_and_kv_bits_stay_single(make_engine: Any, tiny_mlx: Path) -> None:
+async def test_speculative_and_kv_bits_stay_single(make_mlx_engine: Any, tiny_mlx: Path) -> None:
     assert mlx_batch.single_request_reason(ModelSpec(source="x", max_concurrency=4)) is None
     kv = ModelSpec(source="x", max_concurrency=4, kv_cache=KVCache(bits=8, group_size=32))
     assert "quantized KV cache" in (mlx_batch.single_request_reason(kv) or "")
     lookup = Speculative(prompt_lookup=PromptLookup())
-    engine = await make_engine("tiny-lookup4", source=str(tiny_mlx), max_concurrency=4, speculative=lookup)
+    engine = await make_mlx_engine(
+        "tiny-lookup4", source=str(tiny_mlx), max_concurrency=4, speculative=lookup
+    )
     assert "speculative" in (mlx_batch.single_request_reason(engine.spec) or "")
     results = await asyncio.gather(*(run(engine, raw(f"Lookup {i}", max_tokens=10)) for i in range(3)))
     assert all(r.finished.usage.completion_tokens == 10 for r in results)
     assert engine.counters.batch_peak == 0 and engine.counters.requests == 3
 
 
-async def test_rotating_kv_cache_batches(make_engine: Any, tiny_mlx: Path) -> None:
+async def test_rotating_kv_cache_batches(make_mlx_engine: Any, tiny_mlx: Path) -> None:
     spec = {"source": str(tiny_mlx), "kv_cache": KVCache(max_size=64)}
-    alone_engine = await make_engine("tiny-rot1", **spec)
-    batch_engine = await make_engine("tiny-rot4", max_concurrency=4, **spec)
+    alone_engine = await make_mlx_engine("tiny-rot1", **spec)
+    batch_engine = await make_mlx_engine("tiny-rot4", max_concurrency=4, **spec)
     requests = [raw("Rotate " * (10 + 40 * i), max_tokens=90) for i in range(3)]
     together = await staggered(batch_engine, requests)
     assert batch_engine.counters.batch_peak >= 2
@@ -367,11 +362,11 @@ async def engine_rate(engine: MLXEngine, batch: int, max_tokens: int) -> float:
     return decode_rate([r.token_times for r in results])
 
 
-async def measure(make_engine: Any, folder: Path, name: str, max_tokens: int) -> None:
+async def measure(make_mlx_engine: Any, folder: Path, name: str, max_tokens: int) -> None:
     """Aggregate decode tok/s through the engine at batch 1, 2, 4, 8, and on the one-request path.
     (Ratios against the raw engine and the peers: the benchmark harness, tests/bench.)"""
-    engine = await make_engine(f"{name}-rate", source=str(folder), max_concurrency=8)
-    single = await make_engine(f"{name}-rate-solo", source=str(folder))
+    engine = await make_mlx_engine(f"{name}-rate", source=str(folder), max_concurrency=8)
+    single = await make_mlx_engine(f"{name}-rate-solo", source=str(folder))
     await engine_rate(engine, 2, 4)  # warm-up
     rates = {f"batch {b}": await engine_rate(engine, b, max_tokens) for b in (1, 2, 4, 8)}
     rates["one-request path"] = await engine_rate(single, 1, max_tokens)
@@ -379,17 +374,17 @@ async def measure(make_engine: Any, folder: Path, name: str, max_tokens: int) ->
     assert all(rate > 0 for rate in rates.values())
 
 
-async def test_throughput_tiny(make_engine: Any, tiny_mlx: Path) -> None:
-    await measure(make_engine, tiny_mlx, "tiny", max_tokens=64)
+async def test_throughput_tiny(make_mlx_engine: Any, tiny_mlx: Path) -> None:
+    await measure(make_mlx_engine, tiny_mlx, "tiny", max_tokens=64)
 
 
 # -- the real model (slow: MLX's CPU backend runs SmolLM2 at a few tok/s) ---------------------
 
 
 @pytest.mark.slow
-async def test_smollm2_batched_greedy_equals_alone(make_engine: Any, smollm2_mlx: Path) -> None:
-    alone_engine = await make_engine("smollm2-solo", source=str(smollm2_mlx))
-    batch_engine = await make_engine("smollm2-batched", source=str(smollm2_mlx), max_concurrency=4)
+async def test_smollm2_batched_greedy_equals_alone(make_mlx_engine: Any, smollm2_mlx: Path) -> None:
+    alone_engine = await make_mlx_engine("smollm2-solo", source=str(smollm2_mlx))
+    batch_engine = await make_mlx_engine("smollm2-batched", source=str(smollm2_mlx), max_concurrency=4)
     requests = [
         chat(CAPITAL, max_tokens=10),
         chat(STORY, max_tokens=8),
@@ -403,5 +398,5 @@ async def test_smollm2_batched_greedy_equals_alone(make_engine: Any, smollm2_mlx
 
 
 @pytest.mark.slow
-async def test_throughput_smollm2(make_engine: Any, smollm2_mlx: Path) -> None:
-    await measure(make_engine, smollm2_mlx, "smollm2", max_tokens=12)
+async def test_throughput_smollm2(make_mlx_engine: Any, smollm2_mlx: Path) -> None:
+    await measure(make_mlx_engine, smollm2_mlx, "smollm2", max_tokens=12)

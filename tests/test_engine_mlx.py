@@ -12,7 +12,7 @@ import asyncio
 import json
 import shutil
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,29 +129,13 @@ def assert_matches(result: Result, ref: Reference) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def make_engine() -> AsyncIterator[Any]:
-    """Factory: load an engine, unloaded at the end of the module."""
-    engines: list[MLXEngine] = []
-
-    async def make(model_id: str, draft: tuple[str, ModelSpec] | None = None, **spec: Any) -> MLXEngine:
-        engine = MLXEngine(model_id, ModelSpec(engine="mlx", **spec), draft=draft)
-        await engine.load()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.unload()
+async def tiny(make_mlx_engine: Any, tiny_mlx: Path) -> MLXEngine:
+    return await make_mlx_engine("tiny", source=str(tiny_mlx))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def tiny(make_engine: Any, tiny_mlx: Path) -> MLXEngine:
-    return await make_engine("tiny", source=str(tiny_mlx))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def smollm2(make_engine: Any, smollm2_mlx: Path) -> MLXEngine:
-    return await make_engine("smollm2", source=str(smollm2_mlx))
+async def smollm2(make_mlx_engine: Any, smollm2_mlx: Path) -> MLXEngine:
+    return await make_mlx_engine("smollm2", source=str(smollm2_mlx))
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +188,10 @@ async def test_smollm2_answers_paris_token_for_token_like_mlx_lm(
 
 @pytest.mark.parametrize(("bits", "start"), [(8, 0), (4, 16)])
 async def test_kv_quantized_matches_mlx_lm(
-    make_engine: Any, tiny_head32: Path, bits: int, start: int
+    make_mlx_engine: Any, tiny_head32: Path, bits: int, start: int
 ) -> None:
     kv = KVCache(bits=bits, group_size=32, start=start)
-    engine = await make_engine(f"tiny-kv{bits}", source=str(tiny_head32), kv_cache=kv)
+    engine = await make_mlx_engine(f"tiny-kv{bits}", source=str(tiny_head32), kv_cache=kv)
     result = await run(engine, chat(max_tokens=40, logprobs=True))
     ref = mlx_lm_reference(tiny_head32, STORY, 40, kv_bits=bits, kv_group_size=32, quantized_kv_start=start)
     assert_matches(result, ref)
@@ -216,9 +200,9 @@ async def test_kv_quantized_matches_mlx_lm(
 
 
 @pytest.mark.slow
-async def test_smollm2_kv_quantized_matches_mlx_lm(make_engine: Any, smollm2_mlx: Path) -> None:
+async def test_smollm2_kv_quantized_matches_mlx_lm(make_mlx_engine: Any, smollm2_mlx: Path) -> None:
     kv = KVCache(bits=8, group_size=64, start=0)
-    engine = await make_engine("smollm2-kv8", source=str(smollm2_mlx), kv_cache=kv)
+    engine = await make_mlx_engine("smollm2-kv8", source=str(smollm2_mlx), kv_cache=kv)
     result = await run(engine, chat(CAPITAL, max_tokens=8, logprobs=True))
     ref = mlx_lm_reference(smollm2_mlx, CAPITAL, 8, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
     assert_matches(result, ref)
@@ -235,10 +219,12 @@ async def test_kv_group_size_that_does_not_divide_head_size_fails_to_load(tiny_m
 
 @pytest.mark.parametrize("repetition_penalty", [None, 1.3])
 async def test_prompt_lookup_gives_the_same_text_and_accepts_drafts(
-    make_engine: Any, tiny: MLXEngine, tiny_mlx: Path, repetition_penalty: float | None
+    make_mlx_engine: Any, tiny: MLXEngine, tiny_mlx: Path, repetition_penalty: float | None
 ) -> None:
     lookup = Speculative(prompt_lookup=PromptLookup(max_ngram=3, min_ngram=1, num_pred_tokens=5))
-    engine = await make_engine(f"tiny-lookup-{repetition_penalty}", source=str(tiny_mlx), speculative=lookup)
+    engine = await make_mlx_engine(
+        f"tiny-lookup-{repetition_penalty}", source=str(tiny_mlx), speculative=lookup
+    )
     # Random weights rarely repeat themselves; over 300 tokens a few drafts do get accepted.
     request = raw(REPEATING, max_tokens=300, logprobs=True, repetition_penalty=repetition_penalty)
     plain, looked_up = await run(tiny, request), await run(engine, request)
@@ -250,19 +236,19 @@ async def test_prompt_lookup_gives_the_same_text_and_accepts_drafts(
 
 
 @pytest.mark.slow
-async def test_smollm2_prompt_lookup_accepts_copied_text(make_engine: Any, smollm2_mlx: Path) -> None:
+async def test_smollm2_prompt_lookup_accepts_copied_text(make_mlx_engine: Any, smollm2_mlx: Path) -> None:
     lookup = Speculative(prompt_lookup=PromptLookup())
-    engine = await make_engine("smollm2-lookup", source=str(smollm2_mlx), speculative=lookup)
+    engine = await make_mlx_engine("smollm2-lookup", source=str(smollm2_mlx), speculative=lookup)
     prompt = "The quick brown fox jumps over the lazy dog. " * 4 + "The quick brown"
     result = await run(engine, raw(prompt, max_tokens=10))
     assert result.text == mlx_lm_reference(smollm2_mlx, prompt, 10).text
     assert result.finished.usage.accepted_draft_tokens >= 5
 
 
-async def test_draft_model_speculative_decoding_matches_greedy(make_engine: Any, tiny_mlx: Path) -> None:
+async def test_draft_model_speculative_decoding_matches_greedy(make_mlx_engine: Any, tiny_mlx: Path) -> None:
     draft = ("tiny-draft", ModelSpec(source=str(tiny_mlx), engine="mlx"))
     spec = Speculative(draft_model="tiny-draft", num_draft_tokens=3)
-    engine = await make_engine("tiny-main", draft=draft, source=str(tiny_mlx), speculative=spec)
+    engine = await make_mlx_engine("tiny-main", draft=draft, source=str(tiny_mlx), speculative=spec)
     result = await run(engine, chat(max_tokens=40, logprobs=True))
     assert_matches(result, mlx_lm_reference(tiny_mlx, STORY, 40))
     usage = result.finished.usage
@@ -349,8 +335,8 @@ async def test_tools_reach_the_prompt(tiny: MLXEngine) -> None:
 # -- errors ----------------------------------------------------------------------------------
 
 
-async def test_prompt_over_the_context_raises_before_any_event(make_engine: Any, tiny_mlx: Path) -> None:
-    engine = await make_engine("tiny-ctx64", source=str(tiny_mlx), context_length=64)
+async def test_prompt_over_the_context_raises_before_any_event(make_mlx_engine: Any, tiny_mlx: Path) -> None:
+    engine = await make_mlx_engine("tiny-ctx64", source=str(tiny_mlx), context_length=64)
     assert engine.info().context_length == 64
     long = raw("word " * 100)
     with pytest.raises(ContextOverflowError) as caught:
@@ -374,8 +360,10 @@ async def test_fim_on_a_model_without_fim_tokens_is_unsupported(tiny: MLXEngine)
         await tiny.generate(request).__anext__()
 
 
-async def test_fim_prompt_is_built_from_the_vocabulary_fim_tokens(make_engine: Any, tiny_fim: Path) -> None:
-    engine = await make_engine("tiny-fim", source=str(tiny_fim))
+async def test_fim_prompt_is_built_from_the_vocabulary_fim_tokens(
+    make_mlx_engine: Any, tiny_fim: Path
+) -> None:
+    engine = await make_mlx_engine("tiny-fim", source=str(tiny_fim))
     assert "fim" in engine.info().capabilities and engine.info().fim_tokens == FIM_TOKENS
     prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
     request = GenerationRequest(
@@ -505,9 +493,9 @@ async def test_unload_frees_and_generate_then_fails(tiny_mlx: Path) -> None:
 
 
 async def test_embeddings_are_normalized_and_deterministic(
-    make_engine: Any, tiny: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, tiny: MLXEngine, tiny_mlx: Path
 ) -> None:
-    embedder = await make_engine("tiny-embed", source=str(tiny_mlx), embedding=True)
+    embedder = await make_mlx_engine("tiny-embed", source=str(tiny_mlx), embedding=True)
     assert embedder.info().capabilities == frozenset({"embedding"})
     vectors = await embedder.embed(["hello world", "a lighthouse keeper", "hello world"])
     assert len(vectors) == 3 and all(len(v) == 64 for v in vectors)

@@ -11,10 +11,10 @@ import mlx_lm
 import numpy as np
 import pytest
 from llama_cpp import Llama
-from mlx_serve_test_models import tiny_weights, write_llama_gguf
 from transformers import AutoTokenizer
 
 from mlx_serve.engines.gguf_to_mlx import GGUFConversionError, convert_gguf_to_mlx
+from mlx_serve_test_models import tiny_weights, write_llama_gguf
 
 # The bare "What is the capital of France?" is a near-tie for SmolLM2 Q4_1 at the first token ("The" vs
 # "L"): mlx-lm picks "The" by 0.08 logits, llama.cpp 0.3.36 picks "L" by 0.35 and rambles in French.

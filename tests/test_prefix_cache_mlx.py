@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,24 +76,9 @@ def prefix_of(engine: MLXEngine) -> PrefixCache:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def make_engine() -> AsyncIterator[Any]:
-    engines: list[MLXEngine] = []
-
-    async def make(model_id: str, **spec: Any) -> MLXEngine:
-        engine = MLXEngine(model_id, ModelSpec(engine="mlx", **spec))
-        await engine.load()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.unload()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def cold(make_engine: Any, tiny_mlx: Path) -> MLXEngine:
+async def cold(make_mlx_engine: Any, tiny_mlx: Path) -> MLXEngine:
     """The reference: prefix cache off."""
-    return await make_engine("tiny-cold", source=str(tiny_mlx), prefix_cache={"enabled": False})
+    return await make_mlx_engine("tiny-cold", source=str(tiny_mlx), prefix_cache={"enabled": False})
 
 
 # -- hits give the same output ---------------------------------------------------------------
@@ -101,9 +86,9 @@ async def cold(make_engine: Any, tiny_mlx: Path) -> MLXEngine:
 
 @engine_test
 async def test_shared_prefix_is_reused_and_output_unchanged(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
-    warm = await make_engine("tiny-warm", source=str(tiny_mlx))
+    warm = await make_mlx_engine("tiny-warm", source=str(tiny_mlx))
     first = await run(warm, raw(SHARED + " Question one: what now?", 30))
     second = await run(warm, raw(SHARED + " Question two: and then?", 30))
     assert first.cached == 0 and first.finished.usage.prompt_tokens > 500
@@ -118,9 +103,9 @@ async def test_shared_prefix_is_reused_and_output_unchanged(
 
 
 @engine_test
-async def test_penalties_see_the_cached_tokens(make_engine: Any, cold: MLXEngine, tiny_mlx: Path) -> None:
+async def test_penalties_see_the_cached_tokens(make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path) -> None:
     """A repeated prompt prefills one token: the penalty window must still reach into the cache."""
-    warm = await make_engine("tiny-warm-penalty", source=str(tiny_mlx), prefix_cache={"enabled": True})
+    warm = await make_mlx_engine("tiny-warm-penalty", source=str(tiny_mlx), prefix_cache={"enabled": True})
     # The model's own greedy text at the end of the prompt: what it would say next is in the window.
     echo = (await run(cold, raw(SHARED, 40))).text
     request = raw(SHARED + echo, 40, repetition_penalty=1.5)
@@ -134,9 +119,9 @@ async def test_penalties_see_the_cached_tokens(make_engine: Any, cold: MLXEngine
 
 @engine_test
 async def test_chat_turns_hit_and_alternating_conversations_both_stay_cached(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
-    warm = await make_engine("tiny-chat", source=str(tiny_mlx))
+    warm = await make_mlx_engine("tiny-chat", source=str(tiny_mlx))
     talks = {
         name: [
             Message("system", f"{SHARED} You talk about {name}."),
@@ -163,9 +148,9 @@ async def test_chat_turns_hit_and_alternating_conversations_both_stay_cached(
 
 @engine_test
 async def test_batched_requests_reuse_and_fill_the_cache(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
-    batched = await make_engine("tiny-batched-prefix", source=str(tiny_mlx), max_concurrency=4)
+    batched = await make_mlx_engine("tiny-batched-prefix", source=str(tiny_mlx), max_concurrency=4)
     first = await run(batched, raw(SHARED + " Batch question zero?", 20))
     assert first.cached == 0 and len(prefix_of(batched)) == 1  # kept when it left the batch
     requests = [raw(SHARED + f" Batch question {i}?", 20 + i) for i in range(1, 4)]
@@ -184,17 +169,17 @@ async def test_batched_requests_reuse_and_fill_the_cache(
 
 @engine_test
 async def test_lru_eviction_keeps_bytes_under_the_bound(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
     def prompt(name: str) -> str:  # about 100 tokens, different from the first token on
         return f"{name}: " + " ".join(f"{name}{i}" for i in range(30))
 
-    probe = await make_engine("tiny-probe", source=str(tiny_mlx))
+    probe = await make_mlx_engine("tiny-probe", source=str(tiny_mlx))
     await run(probe, raw(prompt("alpha")))
     entry = prefix_of(probe).nbytes  # one such request's KV cache (all of them have the same size)
     assert entry > 0
     bound = int(2.5 * entry)  # room for two entries, not three
-    small = await make_engine("tiny-small", source=str(tiny_mlx), prefix_cache={"max_bytes": bound})
+    small = await make_mlx_engine("tiny-small", source=str(tiny_mlx), prefix_cache={"max_bytes": bound})
     prefix = prefix_of(small)
 
     async def step(name: str) -> Result:
@@ -219,8 +204,8 @@ async def test_lru_eviction_keeps_bytes_under_the_bound(
 
 
 @engine_test
-async def test_short_prompts_are_not_kept(make_engine: Any, tiny_mlx: Path) -> None:
-    engine = await make_engine("tiny-min", source=str(tiny_mlx), prefix_cache={"min_tokens": 64})
+async def test_short_prompts_are_not_kept(make_mlx_engine: Any, tiny_mlx: Path) -> None:
+    engine = await make_mlx_engine("tiny-min", source=str(tiny_mlx), prefix_cache={"min_tokens": 64})
     await run(engine, raw("Short one", 8))  # prompt + output well under 64 tokens
     assert len(prefix_of(engine)) == 0 and engine.memory_breakdown()["kv_cache"] == 0
     await run(engine, raw(SHARED, 8))
@@ -276,9 +261,9 @@ async def test_persisted_prefixes_survive_a_reload(
 
 @engine_test
 async def test_prompt_lookup_and_draft_model_reuse_the_prefix(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
-    lookup = await make_engine(
+    lookup = await make_mlx_engine(
         "tiny-lookup-prefix", source=str(tiny_mlx), speculative=Speculative(prompt_lookup=PromptLookup())
     )
     draft = MLXEngine(
@@ -299,7 +284,7 @@ async def test_prompt_lookup_and_draft_model_reuse_the_prefix(
 
 @engine_test
 async def test_quantized_kv_cache_prefixes_are_reused(
-    make_engine: Any, tiny_mlx: Path, tmp_path: Path
+    make_mlx_engine: Any, tiny_mlx: Path, tmp_path: Path
 ) -> None:
     # The tiny weights read as 2 heads of 32: a head size that KV quantization's group size divides.
     folder = tmp_path / "tiny-head32"
@@ -311,8 +296,8 @@ async def test_quantized_kv_cache_prefixes_are_reused(
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         (folder / name).symlink_to(tiny_mlx / name)
     kv = {"bits": 4, "group_size": 32, "start": 0}
-    warm = await make_engine("tiny-kv4-warm", source=str(folder), kv_cache=kv)
-    cold = await make_engine(
+    warm = await make_mlx_engine("tiny-kv4-warm", source=str(folder), kv_cache=kv)
+    cold = await make_mlx_engine(
         "tiny-kv4-cold", source=str(folder), kv_cache=kv, prefix_cache={"enabled": False}
     )
     await run(warm, raw(SHARED + " First.", 20))
@@ -325,7 +310,7 @@ async def test_quantized_kv_cache_prefixes_are_reused(
 
 @engine_test
 async def test_speculation_gate_stops_drafting_on_novel_text(
-    make_engine: Any, cold: MLXEngine, tiny_mlx: Path
+    make_mlx_engine: Any, cold: MLXEngine, tiny_mlx: Path
 ) -> None:
     """The random model's text seldom repeats its prompt: drafts (chance 1-gram matches) are mostly
     rejected, so the gate keeps closing for longer and longer pauses; the output is the same as
@@ -336,12 +321,12 @@ async def test_speculation_gate_stops_drafting_on_novel_text(
         "Every night he climbed the stairs, lit the lamp and watched the ships pass by. "
     ) * 3
     request = raw(story, 800, logprobs=False)
-    always = await make_engine(
+    always = await make_mlx_engine(
         "tiny-ungated",
         source=str(tiny_mlx),
         speculative=Speculative(prompt_lookup=PromptLookup(min_ngram=1, min_acceptance=0)),
     )
-    gated = await make_engine(
+    gated = await make_mlx_engine(
         "tiny-gated",
         source=str(tiny_mlx),
         speculative=Speculative(prompt_lookup=PromptLookup(min_ngram=1, min_acceptance=0.3)),

@@ -43,6 +43,9 @@ class FakeEngine:
     def memory_bytes(self) -> int:
         return size_of(self.spec) if self.loaded else 0
 
+    def memory_breakdown(self) -> dict[str, int]:
+        return {"weights": self.memory_bytes(), "kv_cache": 0}
+
 
 def size_of(spec) -> int:
     return int(spec.source.rsplit("-", 1)[-1]) * GIB
