@@ -377,7 +377,11 @@ class BatchScheduler:
         assert lookup is not None and seq.gate is not None
         if not seq.gate.open:
             return []
-        room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
+        room = min(
+            seq.gate.draft_length(lookup.num_pred_tokens),
+            seq.prep.budget - seq.output.count - 1,
+            self._capacity - 1,
+        )
         if room <= 0:
             return []
         draft = dec.lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)

@@ -175,7 +175,7 @@ class Decoder:
                 gate.record(len(draft), accepted) if draft else gate.decoded_without_draft()
             draft = []
             if lookup is not None and gate is not None and gate.open:
-                room = min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1)
+                room = min(gate.draft_length(lookup.num_pred_tokens), budget - produced - 1, llm.n_batch - 1)
                 draft = (
                     lookup_draft(history[:size], lookup.min_ngram, lookup.max_ngram, room) if room > 0 else []
                 )

@@ -158,7 +158,7 @@ def prompt_lookup_generate_step(
         produced = 0
         while max_tokens < 0 or produced < max_tokens:
             left = num_pred_tokens if max_tokens < 0 else min(num_pred_tokens, max_tokens - produced)
-            draft = index.propose(_draft_room(cache, left)) if gate.open else []
+            draft = index.propose(_draft_room(cache, gate.draft_length(left))) if gate.open else []
             inputs = mx.concatenate([y, mx.array(draft, mx.uint32)]) if draft else y
             picks, logprobs = verify(inputs, seen)
             mx.eval(picks, logprobs)

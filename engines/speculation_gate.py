@@ -11,7 +11,8 @@ or when fewer than `min_acceptance` of the drafts are accepted; after a pause it
 a longer pause each time a probe fails (text that starts quoting the prompt later is caught; text
 that never does costs almost nothing). A probe is judged on its first verification alone: novel
 text drafts rarely, and waiting for a full window of evidence would let most of its drafting
-through. Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
+through. The draft length adapts too: it starts short, doubles while every draft is accepted and
+drops to what was accepted (plus one) on a miss, so a chance match costs one short verification. Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SpeculationGate:
     SMOOTHING = 0.3  # weight of the newest step in the seconds-per-token averages
     FIRST_PAUSE = 16  # plain-decoded tokens before the first probe
     MAX_PAUSE = 256
+    FIRST_DRAFT = 2  # tokens drafted before any has been accepted
 
     def __init__(self, min_acceptance: float, clock: Callable[[], float] = time.perf_counter) -> None:
         self.min_acceptance = min_acceptance
@@ -37,6 +39,7 @@ class SpeculationGate:
         self._paused_for = 0  # tokens still to decode without drafting
         self._next_pause = self.FIRST_PAUSE
         self._probing = False  # the next verification decides whether the pause ends for good
+        self._draft_length = self.FIRST_DRAFT
         self._draft_spt = _Average(self.SMOOTHING)  # seconds per emitted token, drafting steps
         self._plain_spt = _Average(self.SMOOTHING)  # the same for plain steps
 
@@ -45,6 +48,10 @@ class SpeculationGate:
         """Whether the next step may draft."""
         return self.min_acceptance <= 0 or self._paused_for == 0
 
+    def draft_length(self, most: int) -> int:
+        """How many tokens the next step should draft, at most `most` (the profile's num_pred_tokens)."""
+        return most if self.min_acceptance <= 0 else max(1, min(most, self._draft_length))
+
     def record(self, drafted: int, accepted: int) -> None:
         """One verification step: `drafted` tokens proposed, the first `accepted` of them kept."""
         seconds = self._step_seconds()
@@ -52,6 +59,7 @@ class SpeculationGate:
             return
         if seconds is not None:
             self._draft_spt.add(seconds / (accepted + 1))
+        self._draft_length = 2 * drafted if accepted == drafted else accepted + 1
         self._recent.extend([True] * accepted + [False] * (drafted - accepted))
         if self._probing:
             self._probing = False

@@ -207,7 +207,8 @@ async def test_gate_stops_drafting_on_novel_text(smollm2_gguf: Path, slots: int)
 
 
 async def test_gate_keeps_drafting_when_drafts_pay(smollm2_gguf: Path) -> None:
-    """Text that repeats its prompt keeps the gate open: as many drafts as with the gate off."""
+    """Text that repeats its prompt keeps the gate open: nearly as many drafted tokens accepted as
+    with the gate off (it starts with short drafts and doubles them while all are accepted)."""
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n" * 4
     request = GenerationRequest(prompt=text, sampling=SamplingParams(temperature=0.0, max_tokens=40))
     drafted = []
@@ -223,7 +224,9 @@ async def test_gate_keeps_drafting_when_drafts_pay(smollm2_gguf: Path) -> None:
             drafted.append((out, done.usage.drafted_tokens, done.usage.accepted_draft_tokens))
         finally:
             await engine.unload()
-    assert drafted[0] == drafted[1] and drafted[0][2] > 20
+    (ungated_text, _, ungated_accepted), (gated_text, _, gated_accepted) = drafted
+    assert gated_text == ungated_text and ungated_accepted > 20
+    assert gated_accepted >= 0.8 * ungated_accepted, drafted
 
 
 @pytest.mark.parametrize("slots", [1, 2])

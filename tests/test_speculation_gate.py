@@ -93,3 +93,14 @@ def test_drafting_that_is_faster_keeps_the_gate_open() -> None:
         clock.now += 0.008 if step % 4 else 0.010
         gate.decoded_without_draft() if step % 4 else gate.record(10, 4)
         assert gate.open
+
+
+def test_draft_length_starts_short_grows_on_full_acceptance_and_drops_on_a_miss() -> None:
+    gate = SpeculationGate(min_acceptance=0.3, clock=still_clock)
+    lengths = []
+    for accepted_all in (True, True, True, False, True):
+        k = gate.draft_length(10)
+        lengths.append(k)
+        gate.record(k, k if accepted_all else 1)
+    assert lengths == [2, 4, 8, 10, 2]  # capped at the profile's num_pred_tokens; 1 accepted -> 2
+    assert SpeculationGate(min_acceptance=0).draft_length(10) == 10  # ungated: always the most
