@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 class SpeculationGate:
     WINDOW = 32  # drafted tokens the acceptance rate is measured over
-    MIN_EVIDENCE = 12  # drafted tokens seen before the gate may close on acceptance
+    MIN_EVIDENCE = 3  # verifications seen before the gate may close on acceptance (drafts are short)
     MIN_TIMED = 3  # steps of each kind timed before the gate compares their speed
     SMOOTHING = 0.3  # weight of the newest step in the seconds-per-token averages
     FIRST_PAUSE = 16  # plain-decoded tokens before the first probe
@@ -40,6 +40,7 @@ class SpeculationGate:
         self._next_pause = self.FIRST_PAUSE
         self._probing = False  # the next verification decides whether the pause ends for good
         self._draft_length = self.FIRST_DRAFT
+        self._verifications = 0  # since the start or the last pause
         self._draft_spt = _Average(self.SMOOTHING)  # seconds per emitted token, drafting steps
         self._plain_spt = _Average(self.SMOOTHING)  # the same for plain steps
 
@@ -61,6 +62,7 @@ class SpeculationGate:
             self._draft_spt.add(seconds / (accepted + 1))
         self._draft_length = 2 * drafted if accepted == drafted else accepted + 1
         self._recent.extend([True] * accepted + [False] * (drafted - accepted))
+        self._verifications += 1
         if self._probing:
             self._probing = False
             if accepted / drafted < self.min_acceptance or self._slower_than_plain():
@@ -69,7 +71,7 @@ class SpeculationGate:
         if self._slower_than_plain():
             self._pause()
             return
-        if len(self._recent) < self.MIN_EVIDENCE:
+        if self._verifications < self.MIN_EVIDENCE:
             return
         rate = sum(self._recent) / len(self._recent)
         if rate < self.min_acceptance:
@@ -100,6 +102,7 @@ class SpeculationGate:
         self._paused_for = self._next_pause
         self._next_pause = min(self._next_pause * 2, self.MAX_PAUSE)
         self._recent.clear()
+        self._verifications = 0
         self._probing = True
 
 

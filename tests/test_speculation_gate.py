@@ -25,8 +25,9 @@ def test_accepted_drafts_keep_the_gate_open() -> None:
 def test_rejected_drafts_pause_speculation_then_probe_again_with_growing_pauses() -> None:
     gate = SpeculationGate(min_acceptance=0.3, clock=still_clock)
     gate.record(drafted=10, accepted=0)
-    assert gate.open  # not enough evidence yet
     gate.record(drafted=10, accepted=1)
+    assert gate.open  # not enough evidence yet
+    gate.record(drafted=10, accepted=0)
     assert not gate.open
     pauses = []
     for _ in range(4):
@@ -41,12 +42,12 @@ def test_rejected_drafts_pause_speculation_then_probe_again_with_growing_pauses(
 
 def test_a_paying_probe_resets_the_pause() -> None:
     gate = SpeculationGate(min_acceptance=0.3, clock=still_clock)
-    gate.record(10, 0), gate.record(10, 0)
+    gate.record(10, 0), gate.record(10, 0), gate.record(10, 0)
     gate.decoded_without_draft(16)
     gate.record(10, 0)
     gate.decoded_without_draft(32)
     assert gate.open
-    gate.record(10, 9), gate.record(10, 8)
+    gate.record(10, 9), gate.record(10, 8), gate.record(10, 9)
     assert gate.open
     while gate.open:  # the engines only draft (and record) while the gate is open
         gate.record(10, 0)
