@@ -55,6 +55,7 @@ from .errors import EngineError, EngineNotLoadedError
 from .llamacpp_prefix_cache import PrefixStore
 from .speculation_gate import SpeculationGate
 from .types import Event, Finished
+from .worker import post_by_loop
 
 T = TypeVar("T")
 PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
@@ -256,16 +257,8 @@ class BatchScheduler:
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Client, Any]]] = {}
-        for client, item in self._outbox:
-            by_loop.setdefault(client.loop, []).append((client, item))
+        post_by_loop(self._outbox, _deliver)
         self._outbox.clear()
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is gone (process shutting down): stop producing
-                for client, _ in items:
-                    client.cancelled.set()
 
     def _admit(self, prepare: Callable[[], dec.Prepared], client: _Client) -> None:
         try:

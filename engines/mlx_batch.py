@@ -51,7 +51,7 @@ from .mlx_generation import (
     keep_prefix,
 )
 from .types import Event, Finished, Usage
-from .worker import EngineThread
+from .worker import EngineThread, post_by_loop
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -111,17 +111,7 @@ def _put_all(posts: list[tuple[_Request, Event]]) -> None:
 
 
 def _post(posts: list[tuple[_Request, Event]]) -> None:
-    """Hand events to their event loops: one wake-up per loop, not one per event (each wake-up
-    costs the engine thread a GIL hand-over to the loop's thread)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, Event]]] = {}
-    for request, event in posts:
-        by_loop.setdefault(request.loop, []).append((request, event))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_put_all, batch)
-        except RuntimeError:  # the loop is gone (process shutting down): stop producing
-            for request, _ in batch:
-                request.cancelled.set()
+    post_by_loop(posts, _put_all)
 
 
 def _failed(request: _Request, exc: BaseException) -> tuple[_Request, Event]:

@@ -114,3 +114,19 @@ class EngineThread:
         self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+
+def post_by_loop(posts: list[tuple[Any, Any]], deliver: Callable[[list[tuple[Any, Any]]], None]) -> None:
+    """Hand (receiver, item) pairs to their receivers' event loops with `deliver`: one wake-up per
+    loop, not one per item (each wake-up costs the engine thread a GIL hand-over). A receiver has
+    `.loop` and `.cancelled` (a threading.Event); when its loop is gone (the process is shutting
+    down), it is cancelled so that its producer stops."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+    for receiver, item in posts:
+        by_loop.setdefault(receiver.loop, []).append((receiver, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(deliver, batch)
+        except RuntimeError:
+            for receiver, _ in batch:
+                receiver.cancelled.set()
