@@ -377,3 +377,8 @@ def _wait_ready(server: Server, timeout: float = 60.0) -> None:
         except (urllib.error.URLError, OSError):
             time.sleep(0.2)
     raise RuntimeError(f"{server.spec.name} was not ready within {timeout:.0f}s")
+
+
+def shown_seconds(values: Sequence[float | None]) -> str:
+    """Per-request timings for the progress log: "0.123, -, 0.456" (- for a request with none)."""
+    return ", ".join(f"{t:.3f}" if t is not None else "-" for t in values)

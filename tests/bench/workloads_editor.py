@@ -15,7 +15,7 @@ from collections.abc import Callable
 import texts
 from client import chat_body, completion_body, keep_streaming, session, stream_chat
 from common import StreamResult
-from workloads import Bench, median_or_none, record_failures, rotate, workload
+from workloads import Bench, median_or_none, record_failures, rotate, shown_seconds, workload
 
 FAMILIES = ("llama.cpp smollm2-fim", "mlx tiny-fim")
 START_TIMEOUT = 300.0  # seconds for the chat streams to begin before FIM is measured anyway
@@ -89,8 +89,9 @@ def fim_session(bench: Bench) -> None:
                         median_or_none([r.cached_tokens for r in results[1:]]),
                     )
                     record_failures(bench, "fim_session", key, system, results)
-                    shown = ", ".join(f"{t:.3f}" if t is not None else "-" for t in ttfts)
-                    bench.log(f"  fim_session {key} run {run} {system}: ttft per request [{shown}]")
+                    bench.log(
+                        f"  fim_session {key} run {run} {system}: ttft per request [{shown_seconds(ttfts)}]"
+                    )
 
 
 @workload("fim_under_load", "FIM TTFT while 4 chat streams run on the same model vs on an idle daemon")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import texts
 from client import chat_body, run_streams
 from common import StreamResult
-from workloads import Bench, record_failures, rotate, workload
+from workloads import Bench, record_failures, rotate, shown_seconds, workload
 
 FAMILIES = ("llama.cpp smollm2", "mlx tiny")
 
@@ -52,8 +52,9 @@ def multi_turn(bench: Bench) -> None:
                     ratio = tn / t2 if tn is not None and t2 else None
                     f.add("multi_turn", key, system, "last_over_turn2", ratio, turns=last)
                     record_failures(bench, "multi_turn", key, system, results)
-                    shown = ", ".join(f"{t:.3f}" if t is not None else "-" for t in ttfts)
-                    bench.log(f"  multi_turn {key} run {run} {system}: ttft per turn [{shown}]")
+                    bench.log(
+                        f"  multi_turn {key} run {run} {system}: ttft per turn [{shown_seconds(ttfts)}]"
+                    )
 
 
 @workload("shared_prefix", "two requests sharing a ~1500-token system prompt: second TTFT vs cold TTFT")
