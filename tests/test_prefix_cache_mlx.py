@@ -266,20 +266,17 @@ async def test_prompt_lookup_and_draft_model_reuse_the_prefix(
     lookup = await make_mlx_engine(
         "tiny-lookup-prefix", source=str(tiny_mlx), speculative=Speculative(prompt_lookup=PromptLookup())
     )
-    draft = MLXEngine(
+    draft = await make_mlx_engine(
         "tiny-draft-prefix",
-        ModelSpec(engine="mlx", source=str(tiny_mlx), speculative=Speculative(draft_model="d")),
         draft=("d", ModelSpec(engine="mlx", source=str(tiny_mlx))),
+        source=str(tiny_mlx),
+        speculative=Speculative(draft_model="d"),
     )
-    await draft.load()
-    try:
-        for engine in (lookup, draft):
-            await run(engine, raw(SHARED + " First.", 30))
-            second = await run(engine, raw(SHARED + " Second.", 30))
-            assert second.cached > 500
-            assert_same(second, await run(cold, raw(SHARED + " Second.", 30)))
-    finally:
-        await draft.unload()
+    for engine in (lookup, draft):
+        await run(engine, raw(SHARED + " First.", 30))
+        second = await run(engine, raw(SHARED + " Second.", 30))
+        assert second.cached > 500
+        assert_same(second, await run(cold, raw(SHARED + " Second.", 30)))
 
 
 @engine_test
