@@ -24,7 +24,8 @@ pass per run of consecutive ids), empty and least recently used first. Beyond th
 prefix store (llamacpp_prefix_cache.py) keeps the KV a slot is about to lose in host memory and
 restores it into a slot when it shares more with a new prompt than any free slot does.
 Prompt lookup drafts only while a sequence is alone (with others in the batch, drafts would slow
-everyone down) and while its SpeculationGate is open (enough of its drafts are accepted).
+everyone down) and only as much as its SpeculationGate expects to pay (its acceptance, measured
+even while it drafts nothing, against the model's measured cost of a drafted token).
 
 Batched output equals solo output: each sequence's attention runs over its own stream, the same
 kernels as alone, and the quantized matmuls are exact per row (SmolLM2 matches bit for bit; the
@@ -53,7 +54,7 @@ from mlx_serve.profiles.schema import PromptLookup
 from . import llamacpp_decode as dec
 from .errors import EngineError, EngineNotLoadedError
 from .llamacpp_prefix_cache import PrefixStore
-from .speculation_gate import SpeculationGate
+from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
 from .worker import post_by_loop
 
@@ -121,7 +122,8 @@ class _Sequence:
         self.cached = 0  # prompt tokens reused from the slot's KV
         self.fed = 0  # prompt tokens in the KV cache
         self.next = -1  # the sampled token the next step decodes
-        self.draft: list[int] = []
+        self.proposal: list[int] = []  # what prompt lookup proposed for the next step
+        self.draft: list[int] = []  # the part of it the step decodes
         self.rows: range = range(0)  # batch rows holding this sequence's logits after the step
         self.history = np.empty(len(prep.tokens) + prep.budget, dtype=np.intc)  # for prompt lookup
         self.history[: len(prep.tokens)] = prep.tokens
@@ -154,6 +156,7 @@ class BatchScheduler:
         self._prefill_rate = 640.0  # prompt tokens per second, measured (a first guess: 64 per step)
         self._tasks: set[asyncio.Future[None]] = set()
         self._outbox: list[tuple[_Client, Any]] = []  # events of this step, handed over by _flush
+        self._alone = False  # this step decodes one sequence: it may draft, its timing is its own
 
     # ---- the asyncio side --------------------------------------------------------------------
 
@@ -265,7 +268,8 @@ class BatchScheduler:
             prep = prepare()
             if prep.model.llm is not self.llm:
                 raise EngineNotLoadedError("the model was reloaded")
-            gate = SpeculationGate(self._lookup.min_acceptance) if self._lookup else None
+            costs = prep.model.decoder.step_costs
+            gate = SpeculationGate(self._lookup.min_acceptance, costs) if self._lookup else None
             self._seqs.append(_Sequence(prep, client, gate))
         except BaseException as exc:
             self._outbox.append((client, _Failure(exc)))
@@ -341,9 +345,9 @@ class BatchScheduler:
                 if len(chunk) >= MIN_CHUNK:
                     rate = len(chunk) / max(time.perf_counter() - start, 1e-6)
                     self._prefill_rate = (self._prefill_rate + rate) / 2
-        alone = len(self._seqs) == 1
+        self._alone = len(self._seqs) == 1
         for seq in decoding:
-            seq.draft = self._draft(seq) if alone and self._lookup else []
+            seq.proposal, seq.draft = self._draft(seq) if self._lookup else ([], [])
         if decoding:
             self._batch_of({seq: [seq.next, *seq.draft] for seq in decoding}, 0)
 
@@ -365,21 +369,18 @@ class BatchScheduler:
                 except Exception as exc:  # e.g. the JSON grammar rejected a token: this request only
                     self._release(seq, _Failure(exc))
 
-    def _draft(self, seq: _Sequence) -> list[int]:
+    def _draft(self, seq: _Sequence) -> tuple[list[int], list[int]]:
+        """(what prompt lookup proposes, what the step drafts): the gate sees every proposal,
+        drafted or not; only a sequence alone in the batch drafts."""
         lookup = self._lookup
         assert lookup is not None and seq.gate is not None
-        if not seq.gate.open:
-            return []
-        room = min(
-            seq.gate.draft_length(lookup.num_pred_tokens),
-            seq.prep.budget - seq.output.count - 1,
-            self._capacity - 1,
-        )
+        room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
         if room <= 0:
-            return []
-        draft = dec.lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
+            return [], []
+        proposal = dec.lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
+        draft = proposal[: seq.gate.draft_length(len(proposal))] if self._alone else []
         seq.stats.drafted += len(draft)
-        return draft
+        return proposal, draft
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self._batch.batch
@@ -417,7 +418,8 @@ class BatchScheduler:
             seq.stats.accepted += 1
             accepted += 1
         if seq.gate is not None:
-            seq.gate.record(len(seq.draft), accepted) if seq.draft else seq.gate.decoded_without_draft()
+            predicted = shadow_check(seq.proposal, seq.draft, token)
+            seq.gate.record(len(seq.draft), accepted, predicted, timed=self._alone)
         self._trim(seq.slot, len(seq.slot.cached) - len(seq.rows) + 1 + i)  # unverified draft tokens
         seq.next = token
         if out.done:

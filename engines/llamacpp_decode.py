@@ -24,7 +24,7 @@ from mlx_serve.profiles.schema import PromptLookup
 from .constrained import JsonConstraint
 from .postprocess import OutputPipeline
 from .reasoning import ReasoningFormat
-from .speculation_gate import SpeculationGate
+from .speculation_gate import SpeculationGate, StepCosts, shadow_check
 from .toolcalls import ToolFormat
 from .types import Event, Finished, FinishReason, TokenLogprob, Usage
 
@@ -94,6 +94,7 @@ class Decoder:
     def __init__(self, llm: llama_cpp.Llama, rendered_special: Iterable[int] = ()) -> None:
         self.llm = llm
         self.rendered_special = frozenset(rendered_special)
+        self.step_costs = StepCosts()  # what a drafted token costs on this model (prompt lookup)
         self._pieces: dict[int, bytes] = {}
 
     def is_eog(self, token: int) -> bool:
@@ -140,14 +141,15 @@ class Decoder:
         the draft is dropped from the cache, so the output is what plain decoding would give (bit
         for bit with flash attention; without it llama.cpp's CPU attention rounds a multi-token
         batch differently, enough to fork SmolLM2's greedy text after ~300 characters). A
-        SpeculationGate per request stops drafting while too few drafts are accepted (novel text).
+        SpeculationGate per request drafts only as much as its acceptance and this model's measured
+        cost of drafting promise to gain (novel text drafts almost nothing).
         A `constraint` masks each position's logits to its grammar before sampling.
         """
         llm, stats = self.llm, stats or DraftStats()
-        gate = SpeculationGate(lookup.min_acceptance) if lookup is not None else None
+        gate = SpeculationGate(lookup.min_acceptance, self.step_costs) if lookup is not None else None
         history = np.empty(len(prompt) + budget, dtype=np.intc)
         history[: len(prompt)] = prompt
-        size, produced, draft = len(prompt), 0, []
+        size, produced, proposal, draft = len(prompt), 0, [], []
         while True:
             accepted = 0
             for i in range(len(draft) + 1):
@@ -172,13 +174,14 @@ class Decoder:
                     llm.n_tokens = keep
                 break
             if gate is not None:  # drafting pays only while enough of it is accepted
-                gate.record(len(draft), accepted) if draft else gate.decoded_without_draft()
-            draft = []
-            if lookup is not None and gate is not None and gate.open:
-                room = min(gate.draft_length(lookup.num_pred_tokens), budget - produced - 1, llm.n_batch - 1)
-                draft = (
+                gate.record(len(draft), accepted, predicted=shadow_check(proposal, draft, token))
+            proposal, draft = [], []
+            if lookup is not None and gate is not None:
+                room = min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1)
+                proposal = (
                     lookup_draft(history[:size], lookup.min_ngram, lookup.max_ngram, room) if room > 0 else []
                 )
+                draft = proposal[: gate.draft_length(len(proposal))]
                 stats.drafted += len(draft)
             decode(llm, [token, *draft], all_logits=bool(draft))
 

@@ -30,6 +30,7 @@ from .mlx_sampling import PENALTY_CONTEXT, ResolvedSampling, token_logprob
 from .postprocess import OutputPipeline
 from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
 from .reasoning import ReasoningFormat
+from .speculation_gate import StepCosts
 from .toolcalls import ToolFormat
 from .types import Finished, FinishReason, Usage
 
@@ -53,6 +54,7 @@ class LoadedModel:
     kv_bytes: int = 0  # KV cache of the running request, refreshed by the engine thread
     prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx_prefix_cache)
     prefix_dir: Path | None = None  # where the prefix cache is saved on unload (prefix_cache.persist)
+    step_costs: StepCosts = field(default_factory=StepCosts)  # a drafted token's cost (prompt lookup)
 
 
 @dataclass
@@ -114,6 +116,7 @@ def token_stream(
             max_ngram=lookup.max_ngram,
             min_ngram=lookup.min_ngram,
             min_acceptance=lookup.min_acceptance,
+            costs=loaded.step_costs,
             prompt_cache=cache,
             cached=history,
             counters=drafts,

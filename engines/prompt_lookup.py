@@ -26,7 +26,7 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from .speculation_gate import SpeculationGate
+from .speculation_gate import SpeculationGate, StepCosts, shadow_check
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -104,13 +104,15 @@ def prompt_lookup_generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     counters: DraftCounters | None = None,
+    costs: StepCosts | None = None,
     stream: Any = generation_stream,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs over the vocabulary, from_draft) until max_tokens (-1: no limit).
 
     `cached`: the tokens `prompt_cache` already holds, before `prompt` (a prefix-cache hit); they
     are looked up for drafts and shown to the logits processors like the rest of the prompt.
-    `min_acceptance`: the request's SpeculationGate threshold (0: always draft).
+    `min_acceptance`: the request's SpeculationGate threshold (0: always draft all proposed);
+    `costs`: the model's measured cost of a drafted token, shared by its requests' gates.
     """
     sampler = sampler or greedy_sampler
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
@@ -123,7 +125,7 @@ def prompt_lookup_generate_step(
     )
     index = NgramIndex(min_ngram, max_ngram)
     index.extend([*cached, *prompt.tolist()])
-    gate = SpeculationGate(min_acceptance)
+    gate = SpeculationGate(min_acceptance, costs)
 
     def verify(inputs: mx.array, seen: mx.array | None) -> tuple[mx.array, mx.array]:
         """Sampled token and logprobs at every input position, from one forward pass."""
@@ -158,7 +160,8 @@ def prompt_lookup_generate_step(
         produced = 0
         while max_tokens < 0 or produced < max_tokens:
             left = num_pred_tokens if max_tokens < 0 else min(num_pred_tokens, max_tokens - produced)
-            draft = index.propose(_draft_room(cache, gate.draft_length(left))) if gate.open else []
+            proposal = index.propose(_draft_room(cache, left))
+            draft = proposal[: gate.draft_length(len(proposal))]
             inputs = mx.concatenate([y, mx.array(draft, mx.uint32)]) if draft else y
             picks, logprobs = verify(inputs, seen)
             mx.eval(picks, logprobs)
@@ -169,10 +172,7 @@ def prompt_lookup_generate_step(
             trim_prompt_cache(cache, len(draft) - accepted)  # the cache now ends at the last kept input
             counters.drafted += len(draft)
             counters.accepted += accepted
-            if draft:
-                gate.record(len(draft), accepted)
-            else:
-                gate.decoded_without_draft()
+            gate.record(len(draft), accepted, shadow_check(proposal, draft, chosen[0]))
             emitted = [*draft[:accepted], chosen[accepted]]
             if max_tokens >= 0:
                 emitted = emitted[: max_tokens - produced]

@@ -1,90 +1,130 @@
-"""When to draft: an adaptive on/off switch for speculative decoding, one per request.
+"""When to draft, and how much: a cost-aware switch for prompt-lookup speculation, one per request.
 
 Verifying k drafted tokens costs a forward pass over k + 1 tokens. Whether that pays depends on
 the acceptance rate *and* on the hardware: on Apple silicon a pass over 11 tokens costs little more
 than over one (decoding is memory-bound), while on a small CPU it costs several times as much
-(measured here: llama.cpp on 2 cores decodes SmolLM2 at 8.1 ms a token and prefills at 5.9 ms a
-token, so even drafts that are all accepted gain at most 1.4x). So the gate judges drafting by
-what it delivers: it times every step itself (the engines call it once per step) and compares the
-seconds per emitted token of drafting steps against plain steps. Drafting pauses when it is slower,
-or when fewer than `min_acceptance` of the drafts are accepted; after a pause it probes again, with
-a longer pause each time a probe fails (text that starts quoting the prompt later is caught; text
-that never does costs almost nothing). A probe is judged on its first verification alone: novel
-text drafts rarely, and waiting for a full window of evidence would let most of its drafting
-through. The draft length adapts too: it starts short, doubles while every draft is accepted and
-drops to what was accepted (plus one) on a miss, so a chance match costs one short verification. Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
+(measured here: llama.cpp on 2 cores, SmolLM2, 8.1 ms for one token and ~65 ms for 11; MLX's CPU
+backend ~160 ms for one and ~430 ms for three). So the gate weighs both, every step:
+
+- Acceptance, per request: how often the model confirms a checked draft position, a moving
+  average that starts at zero and follows the text within a few tokens. It is measured even while
+  the gate drafts nothing ("shadow" checks: did the lookup's proposal foresee the token the step
+  produced?), so the gate opens as soon as the text starts quoting its prompt, and novel text
+  does not pay for rejected drafts to find out that it is novel.
+- Cost, per loaded model (StepCosts, shared by the model's requests): what a step with k drafted
+  tokens costs relative to a one-token step, from the timings of real steps.
+
+With acceptance a, k drafts are expected to emit 1 + a + ... + a^k tokens for a step that costs
+cost(k) plain steps; the gate drafts the k with the best ratio, if that promises at least MARGIN
+more tokens per second than plain decoding. When the costs say drafting never pays but acceptance
+is high, one token is drafted now and then so that the cost is measured again.
+Pure bookkeeping, no engine imports: both engines use it and it is unit-tested alone.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+
+class StepCosts:
+    """What a step with k drafted tokens costs, in one-token steps, for one loaded model: measured
+    per k (the marginal cost of a token falls as batches grow: llama.cpp on 2 cores, SmolLM2, pays
+    about one step for a second token but 0.7 for each of ten). Sizes not yet timed are
+    interpolated between timed ones, and assumed cheap beyond the largest (PRIOR_SLOPE a token, or
+    less if the timed sizes are cheaper), so a promising size is tried once and then known. Shared by the model's requests' gates; the engine
+    thread alone touches it."""
+
+    PRIOR_SLOPE = 0.25  # per drafted token, where nothing was timed: optimistic enough to try
+    SMOOTHING = 0.3  # weight of the newest timing in the averages
+    MAX_RELATIVE_SLOPE = 3.0  # a step slowed by something else must not rule a size out for good
+
+    def __init__(self) -> None:
+        self._plain = _Average(self.SMOOTHING)  # seconds of a one-token step
+        self._relative: dict[int, _Average] = {}  # drafted tokens -> cost in one-token steps
+
+    def add(self, inputs: int, seconds: float) -> None:
+        """A step that decoded `inputs` tokens (the last one plus inputs - 1 drafts) in `seconds`."""
+        if inputs <= 1:
+            self._plain.add(seconds)
+        elif self._plain.count and self._plain.value > 0:
+            drafted = inputs - 1
+            relative = min(max(seconds / self._plain.value, 1.0), 1 + self.MAX_RELATIVE_SLOPE * drafted)
+            self._relative.setdefault(drafted, _Average(self.SMOOTHING)).add(relative)
+
+    def timed(self) -> dict[int, float]:
+        """The sizes timed so far: drafted tokens -> cost in one-token steps."""
+        return {k: average.value for k, average in sorted(self._relative.items())}
+
+    def relative(self, drafted: int) -> float:
+        """A step with `drafted` drafts, in one-token steps."""
+        known = self._relative.get(drafted)
+        if known is not None:
+            return known.value
+        below = max((k for k in self._relative if k < drafted), default=0)
+        above = min((k for k in self._relative if k > drafted), default=None)
+        low = self._relative[below].value if below else 1.0
+        if above is None:  # optimistic: the cheaper of the prior and what the timed sizes show
+            slope = min(self.PRIOR_SLOPE, (low - 1) / below) if below else self.PRIOR_SLOPE
+            return low + slope * (drafted - below)
+        high = self._relative[above].value
+        return low + (high - low) * (drafted - below) / (above - below)
 
 
 class SpeculationGate:
-    WINDOW = 32  # drafted tokens the acceptance rate is measured over
-    MIN_EVIDENCE = 3  # verifications seen before the gate may close on acceptance (drafts are short)
-    MIN_TIMED = 3  # steps of each kind timed before the gate compares their speed
-    SMOOTHING = 0.3  # weight of the newest step in the seconds-per-token averages
-    FIRST_PAUSE = 16  # plain-decoded tokens before the first probe
-    MAX_PAUSE = 256
-    FIRST_DRAFT = 2  # tokens drafted before any has been accepted
+    RECENT = 0.15  # weight of the newest checked position in the acceptance average
+    MARGIN = 1.05  # expected tokens per second a draft must promise, relative to plain decoding
+    EXPLORE_AFTER = 64  # steps without a draft before a promising request re-measures the cost
+    EXPLORE_ACCEPTANCE = 0.8
 
-    def __init__(self, min_acceptance: float, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.min_acceptance = min_acceptance
+    def __init__(
+        self,
+        min_acceptance: float,
+        costs: StepCosts | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.min_acceptance = min_acceptance  # 0: no gate, always draft all the lookup proposes
+        self.costs = costs if costs is not None else StepCosts()
         self._clock = clock
         self._last_step_at: float | None = None
-        self._recent: deque[bool] = deque(maxlen=self.WINDOW)  # accepted? per drafted token
-        self._paused_for = 0  # tokens still to decode without drafting
-        self._next_pause = self.FIRST_PAUSE
-        self._probing = False  # the next verification decides whether the pause ends for good
-        self._draft_length = self.FIRST_DRAFT
-        self._verifications = 0  # since the start or the last pause
-        self._draft_spt = _Average(self.SMOOTHING)  # seconds per emitted token, drafting steps
-        self._plain_spt = _Average(self.SMOOTHING)  # the same for plain steps
+        self.acceptance = 0.0  # moving average of confirmed (1) and rejected (0) positions
+        self._since_draft = 0
 
-    @property
-    def open(self) -> bool:
-        """Whether the next step may draft."""
-        return self.min_acceptance <= 0 or self._paused_for == 0
+    def draft_length(self, available: int) -> int:
+        """How many of the `available` proposed tokens the next step should draft (0: none)."""
+        if self.min_acceptance <= 0 or available <= 0:
+            return max(available, 0)
+        a = self.acceptance
+        if a < self.min_acceptance:
+            return 0
+        best, best_gain = 0, self.MARGIN
+        for k in range(1, available + 1):
+            gain = expected_tokens(a, k) / self.costs.relative(k)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        if best == 0 and a >= self.EXPLORE_ACCEPTANCE and self._since_draft >= self.EXPLORE_AFTER:
+            return 1  # the costs may be stale (timed on a busy machine): time a draft again
+        return best
 
-    def draft_length(self, most: int) -> int:
-        """How many tokens the next step should draft, at most `most` (the profile's num_pred_tokens)."""
-        return most if self.min_acceptance <= 0 else max(1, min(most, self._draft_length))
-
-    def record(self, drafted: int, accepted: int) -> None:
-        """One verification step: `drafted` tokens proposed, the first `accepted` of them kept."""
+    def record(self, drafted: int, accepted: int, predicted: bool | None = None, timed: bool = True) -> None:
+        """One decoding step. With drafts: `drafted` verified, the first `accepted` confirmed.
+        Without: `predicted` says whether the lookup's first proposed token was the one the step
+        produced (None: it proposed nothing). `timed`: the step decoded this request alone, so its
+        duration is what drafting costs (the batch scheduler decodes several requests per step)."""
         seconds = self._step_seconds()
-        if drafted <= 0 or self.min_acceptance <= 0:
-            return
-        if seconds is not None:
-            self._draft_spt.add(seconds / (accepted + 1))
-        self._draft_length = 2 * drafted if accepted == drafted else accepted + 1
-        self._recent.extend([True] * accepted + [False] * (drafted - accepted))
-        self._verifications += 1
-        if self._probing:
-            self._probing = False
-            if accepted / drafted < self.min_acceptance or self._slower_than_plain():
-                self._pause()
-            return
-        if self._slower_than_plain():
-            self._pause()
-            return
-        if self._verifications < self.MIN_EVIDENCE:
-            return
-        rate = sum(self._recent) / len(self._recent)
-        if rate < self.min_acceptance:
-            self._pause()
-        elif rate >= 2 * self.min_acceptance:
-            self._next_pause = self.FIRST_PAUSE  # paying off again: forgive earlier failures
+        if drafted > 0:
+            for confirmed in [True] * accepted + [False] * (accepted < drafted):
+                self._check(confirmed)
+            self._since_draft = 0
+        else:
+            if predicted is not None:
+                self._check(predicted)
+            self._since_draft += 1
+        if timed and seconds is not None:
+            self.costs.add(drafted + 1, seconds)
 
-    def decoded_without_draft(self, tokens: int = 1) -> None:
-        """Tokens decoded one at a time while paused (or with nothing to draft) count the pause down."""
-        seconds = self._step_seconds()
-        if seconds is not None and tokens > 0:
-            self._plain_spt.add(seconds / tokens)
-        self._paused_for = max(0, self._paused_for - tokens)
+    def _check(self, confirmed: bool) -> None:
+        self.acceptance += self.RECENT * (confirmed - self.acceptance)
 
     def _step_seconds(self) -> float | None:
         """Time since the previous step ended (None for the first: it includes the prefill)."""
@@ -92,18 +132,17 @@ class SpeculationGate:
         last, self._last_step_at = self._last_step_at, now
         return None if last is None else now - last
 
-    def _slower_than_plain(self) -> bool:
-        draft, plain = self._draft_spt, self._plain_spt
-        if draft.count < self.MIN_TIMED or plain.count < self.MIN_TIMED:
-            return False
-        return draft.value > plain.value
 
-    def _pause(self) -> None:
-        self._paused_for = self._next_pause
-        self._next_pause = min(self._next_pause * 2, self.MAX_PAUSE)
-        self._recent.clear()
-        self._verifications = 0
-        self._probing = True
+def shadow_check(proposal: Sequence[int], draft: Sequence[int], produced: int) -> bool | None:
+    """For SpeculationGate.record: when a step drafted nothing, whether the lookup's proposal
+    foresaw the token the step produced (None when it drafted, or proposed nothing)."""
+    return None if draft or not proposal else proposal[0] == produced
+
+
+def expected_tokens(acceptance: float, drafted: int) -> float:
+    """Tokens a step emits on average with `drafted` drafts, each accepted with probability
+    `acceptance` once the ones before it were: the accepted run plus the model's own next token."""
+    return sum(acceptance**i for i in range(drafted + 1))
 
 
 class _Average:

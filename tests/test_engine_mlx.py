@@ -237,7 +237,8 @@ async def test_prompt_lookup_gives_the_same_text_and_accepts_drafts(
 
 @pytest.mark.slow
 async def test_smollm2_prompt_lookup_accepts_copied_text(make_mlx_engine: Any, smollm2_mlx: Path) -> None:
-    lookup = Speculative(prompt_lookup=PromptLookup())
+    # Ungated: whether drafting pays on this machine's CPU is the gate's business, tested apart.
+    lookup = Speculative(prompt_lookup=PromptLookup(min_acceptance=0))
     engine = await make_mlx_engine("smollm2-lookup", source=str(smollm2_mlx), speculative=lookup)
     prompt = "The quick brown fox jumps over the lazy dog. " * 4 + "The quick brown"
     result = await run(engine, raw(prompt, max_tokens=10))

@@ -180,8 +180,8 @@ async def test_unload_clears_the_store(tiny_gguf: Path) -> None:
 @pytest.mark.parametrize("slots", [1, 2])
 async def test_gate_stops_drafting_on_novel_text(smollm2_gguf: Path, slots: int) -> None:
     """Prompt lookup on an answer that does not quote its prompt: most drafts are rejected. The
-    gate (min_acceptance 0.3) drafts far less than always-on (0), and the text is the same as
-    without lookup. Flash attention: without it llama.cpp's CPU attention over a multi-token batch
+    gate (min_acceptance 0.3) drafts far less than always-on (0): it learns the text is novel from
+    the lookup's proposals without drafting them. The text is the same as without lookup. Flash attention: without it llama.cpp's CPU attention over a multi-token batch
     (the verified draft) rounds differently from one token at a time, and greedy SmolLM2 forks."""
     request = GenerationRequest(
         messages=(Message("user", "What are the benefits of regular exercise?"),),
@@ -203,12 +203,13 @@ async def test_gate_stops_drafting_on_novel_text(smollm2_gguf: Path, slots: int)
     assert gated.usage.completion_tokens == always.usage.completion_tokens == 80
     assert always.usage.drafted_tokens > 100
     assert always.usage.accepted_draft_tokens < 0.3 * always.usage.drafted_tokens
-    assert 0 < gated.usage.drafted_tokens < always.usage.drafted_tokens / 2  # it probed, then paused
+    assert gated.usage.drafted_tokens < always.usage.drafted_tokens / 4
 
 
 async def test_gate_keeps_drafting_when_drafts_pay(smollm2_gguf: Path) -> None:
-    """Text that repeats its prompt keeps the gate open: nearly as many drafted tokens accepted as
-    with the gate off (it starts with short drafts and doubles them while all are accepted)."""
+    """Text that repeats its prompt keeps the gate open: most of the drafted tokens accepted with
+    the gate off are drafted with it too (it opens once a few of the lookup's proposals have come
+    true, then drafts more as acceptance grows and sizes are timed)."""
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n" * 4
     request = GenerationRequest(prompt=text, sampling=SamplingParams(temperature=0.0, max_tokens=40))
     drafted = []
@@ -226,7 +227,7 @@ async def test_gate_keeps_drafting_when_drafts_pay(smollm2_gguf: Path) -> None:
             await engine.unload()
     (ungated_text, _, ungated_accepted), (gated_text, _, gated_accepted) = drafted
     assert gated_text == ungated_text and ungated_accepted > 20
-    assert gated_accepted >= 0.8 * ungated_accepted, drafted
+    assert gated_accepted >= 0.6 * ungated_accepted, drafted
 
 
 @pytest.mark.parametrize("slots", [1, 2])
