@@ -54,6 +54,7 @@ from mlx_serve.profiles.schema import PromptLookup
 from . import llamacpp_decode as dec
 from .errors import EngineError, EngineNotLoadedError
 from .llamacpp_prefix_cache import PrefixStore
+from .ngram_index import NgramIndex
 from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
 from .worker import post_by_loop
@@ -110,7 +111,9 @@ class _Slot:
 class _Sequence:
     """One request in the batch."""
 
-    def __init__(self, prep: dec.Prepared, client: _Client, gate: SpeculationGate | None) -> None:
+    def __init__(
+        self, prep: dec.Prepared, client: _Client, lookup: PromptLookup | None, gate: SpeculationGate | None
+    ) -> None:
         self.prep, self.client, self.cancelled = prep, client, client.cancelled
         self.gate = gate  # with prompt lookup: whether drafting pays for this request
         self.sampler = dec.make_sampler(prep.model.llm, prep.sampling)
@@ -125,9 +128,9 @@ class _Sequence:
         self.proposal: list[int] = []  # what prompt lookup proposed for the next step
         self.draft: list[int] = []  # the part of it the step decodes
         self.rows: range = range(0)  # batch rows holding this sequence's logits after the step
-        self.history = np.empty(len(prep.tokens) + prep.budget, dtype=np.intc)  # for prompt lookup
-        self.history[: len(prep.tokens)] = prep.tokens
-        self.size = len(prep.tokens)
+        self.index = NgramIndex(lookup.min_ngram, lookup.max_ngram) if lookup else None  # prompt lookup
+        if self.index is not None:
+            self.index.extend(prep.tokens)
 
     @property
     def decoding(self) -> bool:
@@ -270,7 +273,7 @@ class BatchScheduler:
                 raise EngineNotLoadedError("the model was reloaded")
             costs = prep.model.decoder.step_costs
             gate = SpeculationGate(self._lookup.min_acceptance, costs) if self._lookup else None
-            self._seqs.append(_Sequence(prep, client, gate))
+            self._seqs.append(_Sequence(prep, client, self._lookup, gate))
         except BaseException as exc:
             self._outbox.append((client, _Failure(exc)))
 
@@ -377,7 +380,8 @@ class BatchScheduler:
         room = min(lookup.num_pred_tokens, seq.prep.budget - seq.output.count - 1, self._capacity - 1)
         if room <= 0:
             return [], []
-        proposal = dec.lookup_draft(seq.history[: seq.size], lookup.min_ngram, lookup.max_ngram, room)
+        assert seq.index is not None
+        proposal = seq.index.propose(room)
         draft = proposal[: seq.gate.draft_length(len(proposal))] if self._alone else []
         seq.stats.drafted += len(draft)
         return proposal, draft
@@ -408,7 +412,8 @@ class BatchScheduler:
             if prep.constraint is not None:
                 prep.constraint.accept(token)
             self._count(1)
-            seq.history[seq.size], seq.size = token, seq.size + 1
+            if seq.index is not None:
+                seq.index.extend((token,))
             top, decoder = prep.top_logprobs, prep.model.decoder
             events = out.push(token, decoder.token_logprobs(row, token, top) if prep.logprobs else ())
             self._outbox += [(seq.client, event) for event in events]

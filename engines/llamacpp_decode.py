@@ -22,6 +22,7 @@ from llama_cpp._internals import LlamaSampler
 from mlx_serve.profiles.schema import PromptLookup
 
 from .constrained import JsonConstraint
+from .ngram_index import NgramIndex
 from .postprocess import OutputPipeline
 from .reasoning import ReasoningFormat
 from .speculation_gate import SpeculationGate, StepCosts, shadow_check
@@ -147,9 +148,10 @@ class Decoder:
         """
         llm, stats = self.llm, stats or DraftStats()
         gate = SpeculationGate(lookup.min_acceptance, self.step_costs) if lookup is not None else None
-        history = np.empty(len(prompt) + budget, dtype=np.intc)
-        history[: len(prompt)] = prompt
-        size, produced, proposal, draft = len(prompt), 0, [], []
+        index = NgramIndex(lookup.min_ngram, lookup.max_ngram) if lookup is not None else None
+        if index is not None:
+            index.extend(prompt)
+        produced, proposal, draft = 0, [], []
         while True:
             accepted = 0
             for i in range(len(draft) + 1):
@@ -159,8 +161,9 @@ class Decoder:
                 token = sampler.sample(llm._ctx, idx)
                 if constraint is not None:
                     constraint.accept(token)
-                history[size] = token
-                size, produced = size + 1, produced + 1
+                if index is not None:
+                    index.extend((token,))
+                produced += 1
                 yield token, (self.token_logprobs(idx, token, top_logprobs) if logprobs else ())
                 if produced >= budget:
                     return
@@ -176,11 +179,8 @@ class Decoder:
             if gate is not None:  # drafting pays only while enough of it is accepted
                 gate.record(len(draft), accepted, predicted=shadow_check(proposal, draft, token))
             proposal, draft = [], []
-            if lookup is not None and gate is not None:
-                room = min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1)
-                proposal = (
-                    lookup_draft(history[:size], lookup.min_ngram, lookup.max_ngram, room) if room > 0 else []
-                )
+            if lookup is not None and index is not None and gate is not None:
+                proposal = index.propose(min(lookup.num_pred_tokens, budget - produced - 1, llm.n_batch - 1))
                 draft = proposal[: gate.draft_length(len(proposal))]
                 stats.drafted += len(draft)
             decode(llm, [token, *draft], all_logits=bool(draft))
@@ -268,16 +268,3 @@ def common_prefix(cached: Sequence[int] | np.ndarray, tokens: Sequence[int]) -> 
         return 0
     same = np.asarray(cached[:m], dtype=np.intc) == np.asarray(tokens[:m], dtype=np.intc)
     return m if same.all() else int(np.argmin(same))
-
-
-def lookup_draft(history: np.ndarray, min_ngram: int, max_ngram: int, limit: int) -> list[int]:
-    """Prompt-lookup drafting: the tokens that followed the first earlier occurrence of the longest
-    suffix n-gram (max_ngram down to min_ngram) of prompt + output; [] when nothing matches."""
-    n = len(history)
-    for size in range(min(max_ngram, n - 1), min_ngram - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], size)
-        hits = np.flatnonzero((windows == history[-size:]).all(axis=1))
-        if hits.size:
-            start = int(hits[0]) + size
-            return history[start : start + limit].tolist()
-    return []

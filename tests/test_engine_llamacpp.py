@@ -23,7 +23,6 @@ from mlx_serve.engines.errors import (
     ModelLoadError,
     UnsupportedRequestError,
 )
-from mlx_serve.engines.llamacpp_decode import lookup_draft
 from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
 from mlx_serve.engines.llamacpp_load import (
     DEFAULT_MAX_CONTEXT,
@@ -31,6 +30,7 @@ from mlx_serve.engines.llamacpp_load import (
     physical_cores,
     read_gguf_header,
 )
+from mlx_serve.engines.ngram_index import NgramIndex
 from mlx_serve.engines.prompting import ChatTemplate, render_chat
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import KVCache, ModelSpec, PromptLookup, Speculative
@@ -223,12 +223,21 @@ async def test_prompt_lookup_gives_identical_text(
         await tiny_fast.unload()
 
 
-def test_lookup_draft() -> None:
-    history = np.array([5, 1, 2, 3, 9, 9, 1, 2], dtype=np.intc)
-    assert lookup_draft(history, 1, 3, 10) == [3, 9, 9, 1, 2]  # "1 2" seen before: what followed it
-    assert lookup_draft(history, 1, 3, 2) == [3, 9]
-    assert lookup_draft(np.array([1, 2, 3], dtype=np.intc), 1, 3, 5) == []
-    assert lookup_draft(np.array([4, 7, 4], dtype=np.intc), 2, 3, 5) == []  # only a 1-gram matches
+def test_ngram_index_proposes_what_followed_the_current_ending() -> None:
+    def index(tokens: list[int], min_ngram: int = 1) -> NgramIndex:
+        built = NgramIndex(min_ngram, 3)
+        built.extend(tokens)
+        return built
+
+    history = [5, 1, 2, 3, 9, 9, 1, 2]
+    assert index(history).propose(10) == [3, 9, 9, 1, 2]  # "1 2" seen before: what followed it
+    assert index(history).propose(2) == [3, 9]
+    assert index([1, 2, 3]).propose(5) == []
+    assert index([4, 7, 4], min_ngram=2).propose(5) == []  # only a 1-gram matches
+    growing = index([7, 8, 9])
+    assert growing.propose(3) == []
+    growing.extend([7, 8])  # indexed incrementally: the new ending is found
+    assert growing.propose(3) == [9, 7, 8]
 
 
 async def test_kv_cache_quantization(tiny_gguf: Path, smollm2_gguf: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +33,11 @@ class RawEngine(Protocol):
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[StreamResult]: ...
 
+    def prefill_after(self, cached: int, new: int) -> float:
+        """Seconds to read `new` prompt tokens after a KV cache already holding `cached`, up to
+        the first sampled token: a server's TTFT with a perfect prefix cache, nothing else."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -45,6 +51,12 @@ def _render_chat(template: str, user: str, bos: str, eos: str) -> str:
         bos_token=bos,
         eos_token=eos,
     )
+
+
+def _filler(chat_tokens: Callable[[str], list[int]], n: int) -> list[int]:
+    """n ordinary text tokens (attention costs the same whatever they say)."""
+    base = chat_tokens("The quick brown fox jumps over the lazy dog. " * 20)
+    return (base * (n // len(base) + 1))[:n]
 
 
 class _Timeline:
@@ -190,6 +202,29 @@ class LlamaRaw:
         finally:
             lc.llama_batch_free(batch)
 
+    def prefill_after(self, cached: int, new: int) -> float:
+        lc = self.lc
+        ctx = self._context(1)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        tokens = _filler(self.chat_tokens, cached + new)
+        batch = lc.llama_batch_init(2048, 0, 1)
+        try:
+            for start in range(0, cached, 2048):  # the cached prefix: not timed
+                chunk = tokens[start : min(cached, start + 2048)]
+                self._fill(batch, [(t, start + i, 0, False) for i, t in enumerate(chunk)])
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+            t0 = time.perf_counter()
+            for start in range(cached, cached + new, 2048):
+                end = min(cached + new, start + 2048)
+                self._fill(batch, [(tokens[p], p, 0, p == end - 1) for p in range(start, end)])
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+            self._argmax(ctx, end - 1 - start)  # the first token
+            return time.perf_counter() - t0
+        finally:
+            lc.llama_batch_free(batch)
+
     @staticmethod
     def _fill(batch: object, entries: list[tuple[int, int, int, bool]]) -> None:
         for j, (tok, pos, seq, logits) in enumerate(entries):
@@ -274,6 +309,23 @@ class MlxRaw:
         finally:
             gen.close()
         return timeline.results()
+
+    def prefill_after(self, cached: int, new: int) -> float:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        tokens = mx.array(_filler(self.chat_tokens, cached + new))
+        cache = make_prompt_cache(self.model)
+        if cached:  # the cached prefix: not timed
+            self.model(tokens[None, :cached], cache=cache)
+            mx.eval([c.state for c in cache])
+        t0 = time.perf_counter()
+        if new > 1:  # as generate_step: all but the last token fill the cache, the last gives logits
+            self.model(tokens[None, cached:-1], cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = self.model(tokens[None, -1:], cache=cache)
+        mx.eval(mx.argmax(logits[0, -1]))
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         self.model = self.tokenizer = None

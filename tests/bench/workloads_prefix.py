@@ -2,8 +2,10 @@
 
 Both run on mlx-serve (its profile defaults: prefix cache on) and the family's peer server, on the
 real SmolLM2 with llama.cpp and the tiny model with MLX (SmolLM2's prefill on the MLX CPU backend
-takes minutes, as in the prefill workload). No raw engine: it has no cache to compare with.
-Figures are TTFTs as a client sees them, plus `cached_tokens` from the usage mlx-serve streams.
+takes minutes, as in the prefill workload). Figures are TTFTs as a client sees them, plus
+`cached_tokens` from the usage mlx-serve streams. The multi-turn workload also times the raw engine
+reading each measured turn's new tokens after its cached history: the compute floor of that TTFT,
+and of its growth over the conversation.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import texts
 from client import chat_body, run_streams
 from common import StreamResult
+from peers import MLX_SERVE
 from workloads import Bench, record_failures, rotate, shown_seconds, workload
 
 FAMILIES = ("llama.cpp smollm2", "mlx tiny")
@@ -55,6 +58,25 @@ def multi_turn(bench: Bench) -> None:
                     bench.log(
                         f"  multi_turn {key} run {run} {system}: ttft per turn [{shown_seconds(ttfts)}]"
                     )
+                    if system == MLX_SERVE:
+                        _compute_floor(bench, key, results, last)
+
+
+def _compute_floor(bench: Bench, key: str, results: list[StreamResult], last: int) -> None:
+    """The raw engine reading turn 2's and the last turn's new tokens after their cached history
+    (the counts mlx-serve reported): what those TTFTs cost in model compute alone, so the ratio
+    shows how much of the growth is the model's (attention over a longer context) and not the
+    server's."""
+    raw = bench.raw(bench.family(key))
+    floor = {}
+    for turn in (2, last):
+        r = results[turn - 1]
+        if r.prompt_tokens is None or r.cached_tokens is None:
+            return
+        floor[turn] = raw.prefill_after(r.cached_tokens, r.prompt_tokens - r.cached_tokens)
+        bench.figures.add("multi_turn", f"{key} turn {turn}", raw.name, "ttft_s", floor[turn])
+    bench.figures.add("multi_turn", key, raw.name, "last_over_turn2", floor[last] / floor[2], turns=last)
+    bench.log(f"  multi_turn {key} {raw.name}: turn 2 {floor[2]:.3f} s, turn {last} {floor[last]:.3f} s")
 
 
 @workload("shared_prefix", "two requests sharing a ~1500-token system prompt: second TTFT vs cold TTFT")
