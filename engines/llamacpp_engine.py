@@ -40,6 +40,7 @@ from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
 from .llamacpp_prefix_cache import PrefixStore
 from .prefix_disk import store_dir
+from .prompt_tokens import PromptTokenizer
 from .prompting import (
     ChatTemplate,
     TemplateError,
@@ -85,6 +86,7 @@ class _Model:
     batch: BatchScheduler | None = None  # max_concurrency > 1: requests decode together
     prefixes: PrefixStore | None = None  # earlier prompts' KV in host memory (not for embeddings)
     persist_to: Path | None = None  # prefix_cache.persist: where the store is saved on unload
+    prompt_tokens: PromptTokenizer | None = None  # tokenizes prompts reusing earlier prompts' ids
 
 
 class LlamaCppEngine:
@@ -158,7 +160,9 @@ class LlamaCppEngine:
         markers = set(MARKER_TOKENS) | ({reasoning.start, reasoning.end} if reasoning else set())
         decoder = Decoder(llm, (i for i, t in enumerate(tokens) if t in markers))
         n_ctx = min(llm.n_ctx(), llm.context_params.n_ctx)
-        return _Model(llm, header, decoder, n_ctx, template, reasoning, fim_tokens_from_vocab(tokens))
+        fim = fim_tokens_from_vocab(tokens)
+        prompt_tokens = PromptTokenizer(partial(_tokenize, llm), _control_tokens(llm, tokens))
+        return _Model(llm, header, decoder, n_ctx, template, reasoning, fim, prompt_tokens=prompt_tokens)
 
     def _template_source(self, header: GGUFHeader) -> str | None:
         """The profile's chat_template (Jinja text, or a path to a file holding it), else the GGUF's."""
@@ -267,7 +271,10 @@ class LlamaCppEngine:
             text = build_fim_prompt(request.prompt or "", request.suffix, model.fim)
         else:
             text = request.prompt or ""
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+        if add_special or model.prompt_tokens is None:  # what the vocabulary adds: tokenized whole
+            tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+        else:
+            tokens = model.prompt_tokens.encode(text)
         if not tokens:
             bos = llm.token_bos()
             if bos < 0:
@@ -395,6 +402,22 @@ class LlamaCppEngine:
             norm = float(np.linalg.norm(arr))
             out.append((arr / norm if norm > 0 else arr).tolist())
         return out
+
+
+def _tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+def _control_tokens(llm: llama_cpp.Llama, tokens: list[str]) -> dict[str, int]:
+    """The vocabulary's control tokens (<|im_start|>, [INST], ...): text -> id."""
+    vocab = llm._model.vocab
+    return {
+        text: i
+        for i, text in enumerate(tokens)
+        if len(text) > 1
+        and text[0] in "<["  # a cheap filter before asking llama.cpp
+        and llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+    }
 
 
 def _close(model: _Model) -> None:

@@ -37,6 +37,7 @@ from .mlx_batch import BatchScheduler, make_scheduler
 from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
 from .mlx_prefix_cache import PrefixCache, make_prefix_cache
 from .mlx_sampling import resolve_sampling
+from .prompt_tokens import PromptTokenizer, hf_special_tokens
 from .prompting import (
     ChatTemplate,
     TemplateError,
@@ -131,6 +132,9 @@ class MLXEngine:
         fim = fim_tokens_from_vocab(tokenizer.get_vocab().keys())
         loaded = LoadedModel(model, tokenizer, config, weights, draft_model, fim)
         loaded.prefix = make_prefix_cache(self.model_id, self.spec)
+        loaded.prompt_tokens = PromptTokenizer(
+            partial(_encode_plain, tokenizer), hf_special_tokens(tokenizer)
+        )
         loaded.prefix_dir = prefix_store.restore(self.model_id, self.spec, model_dir, loaded.prefix)
         return loaded, template, self._make_info(loaded, template)
 
@@ -390,7 +394,13 @@ def _constraint(loaded: LoadedModel, response_format: dict[str, Any]) -> JsonCon
 
 def _encode(loaded: LoadedModel, text: str, add_special_tokens: bool) -> list[int]:
     with loaded.tokenizer_lock:
-        return list(loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if add_special_tokens or loaded.prompt_tokens is None:  # what the tokenizer adds: whole
+            return list(loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return loaded.prompt_tokens.encode(text)
+
+
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _embed_on_thread(loaded: LoadedModel, batches: list[list[int]]) -> list[list[float]]:

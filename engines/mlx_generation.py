@@ -29,6 +29,7 @@ from .mlx_prefix_cache import PrefixCache
 from .mlx_sampling import PENALTY_CONTEXT, ResolvedSampling, token_logprob
 from .postprocess import OutputPipeline
 from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
+from .prompt_tokens import PromptTokenizer
 from .reasoning import ReasoningFormat
 from .speculation_gate import StepCosts
 from .toolcalls import ToolFormat
@@ -55,6 +56,7 @@ class LoadedModel:
     prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx_prefix_cache)
     prefix_dir: Path | None = None  # where the prefix cache is saved on unload (prefix_cache.persist)
     step_costs: StepCosts = field(default_factory=StepCosts)  # a drafted token's cost (prompt lookup)
+    prompt_tokens: PromptTokenizer | None = None  # tokenizes prompts reusing earlier prompts' ids
 
 
 @dataclass
