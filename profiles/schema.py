@@ -115,8 +115,9 @@ class PromptLookup(_Strict):
     max_ngram: Annotated[int, Field(ge=1, le=16)] = 3
     min_ngram: Annotated[int, Field(ge=1, le=16)] = 1
     num_pred_tokens: Annotated[int, Field(ge=1, le=64)] = 10
-    # Adaptive gate: a request whose drafts are accepted less often than this stops drafting for a
-    # while (then probes again), so novel text pays almost nothing for speculation. 0 = always draft.
+    # Adaptive gate (engines/speculation_gate.py): a request drafts only while its acceptance, measured
+    # also while it drafts nothing, is at least this and the model's timed cost of a drafted token
+    # promises a gain, so novel text pays almost nothing for speculation. 0 = always draft.
     min_acceptance: Annotated[float, Field(ge=0, le=1)] = 0.3
 
     @model_validator(mode="after")
