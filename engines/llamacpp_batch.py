@@ -15,14 +15,8 @@ jobs (unload). Each step it
      logprobs, stop strings and OutputPipeline, and hands all events of the step to the event
      loop in one wake-up (each call_soon_threadsafe costs a pipe write).
 
-Prefix reuse, per sequence: a slot keeps the KV of its last request (finished or cancelled); in
-its own stream it costs the others nothing. A new request takes the free slot sharing the longest
-prompt prefix if that covers half its prompt, drops the rest of that sequence
-(llama_memory_seq_rm) and decodes only what differs (editors resend nearly the same prompt). Else
-it takes the free slot that keeps the running sequence ids most contiguous (llama.cpp decodes one
-pass per run of consecutive ids), empty and least recently used first. Beyond the slots, the
-prefix store (llamacpp_prefix_cache.py) keeps the KV a slot is about to lose in host memory and
-restores it into a slot when it shares more with a new prompt than any free slot does.
+Slot choice and prefix reuse across requests (slots and the prefix store): llamacpp_slots.py.
+
 Prompt lookup drafts only while a sequence is alone (with others in the batch, drafts would slow
 everyone down) and only as much as its SpeculationGate expects to pay (its acceptance, measured
 even while it drafts nothing, against the model's measured cost of a drafted token).
@@ -42,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import llama_cpp
@@ -54,6 +48,7 @@ from mlx_serve.profiles.schema import PromptLookup
 from . import llamacpp_decode as dec
 from .errors import EngineError, EngineNotLoadedError
 from .llamacpp_prefix_cache import PrefixStore
+from .llamacpp_slots import Slot, Slots
 from .ngram_index import NgramIndex
 from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
@@ -85,10 +80,6 @@ class _Client:
             self.cancelled.set()
 
 
-def _runs(ids: set[int]) -> int:  # runs of consecutive sequence ids: llama.cpp's passes per step
-    return sum(1 for i in ids if i - 1 not in ids)
-
-
 def _deliver(items: list[tuple[_Client, Any]]) -> None:
     for client, item in items:
         client.queue.put_nowait(item)
@@ -98,14 +89,6 @@ def _deliver(items: list[tuple[_Client, Any]]) -> None:
 class _Job:
     run: Callable[[], None]  # on the engine thread, between steps; reports its own errors
     fail: Callable[[BaseException], None]  # when the scheduler cannot run it (engine closed)
-
-
-@dataclass(eq=False)
-class _Slot:
-    seq_id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, by position
-    busy: bool = False
-    released: int = 0  # step of the last release (least recently used goes first)
 
 
 class _Sequence:
@@ -120,7 +103,7 @@ class _Sequence:
         self.argmax = dec.plain_greedy(prep.sampling)  # the first maximum: what the sampler picks, cheaper
         self.output = dec.Output(prep, prep.model.decoder)
         self.stats = dec.DraftStats()
-        self.slot: _Slot | None = None
+        self.slot: Slot | None = None
         self.left = False  # finished, failed or cancelled: out of the batch
         self.cached = 0  # prompt tokens reused from the slot's KV
         self.fed = 0  # prompt tokens in the KV cache
@@ -147,11 +130,10 @@ class BatchScheduler:
         prefixes: PrefixStore | None = None,  # earlier prompts' KV beyond what the slots hold
     ) -> None:
         self._thread, self.llm, self._lookup, self._count = thread, llm, lookup, count
-        self._prefixes = prefixes
         self._capacity = llm.n_batch  # tokens per llama_decode (the context's n_batch)
         self._vocab = llm.n_vocab()
         self._batch = LlamaBatch(n_tokens=self._capacity, embd=0, n_seq_max=1, verbose=False)
-        self._slots = [_Slot(i) for i in range(llama_cpp.llama_n_seq_max(llm.ctx))]
+        self._slots = Slots(llm, prefixes)
         self._seqs: list[_Sequence] = []  # in arrival order; those without a slot are waiting
         self._inbox: deque[_Job] = deque()
         self._lock = threading.Lock()
@@ -217,7 +199,7 @@ class BatchScheduler:
 
     def held_sequences(self) -> list[tuple[int, list[int]]]:
         """(sequence id, tokens whose KV it holds) per slot; engine thread, between steps."""
-        return [(slot.seq_id, list(slot.cached)) for slot in self._slots if slot.cached]
+        return self._slots.held_sequences()
 
     def close(self) -> None:
         """Free the batch; runs on the engine thread before the model is freed."""
@@ -239,7 +221,7 @@ class BatchScheduler:
                     self._release(seq)
             self._seqs = [seq for seq in self._seqs if not seq.left]
             for seq in self._seqs:
-                if seq.slot is None and not self._assign(seq):
+                if seq.slot is None and not self._take_slot(seq):
                     break  # all slots busy: the rest keep waiting, in order
             if not any(seq.slot for seq in self._seqs):
                 self._flush()
@@ -255,9 +237,7 @@ class BatchScheduler:
                 for seq in self._seqs:
                     if seq.slot is not None:
                         self._release(seq, _Failure(exc))
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
-                for slot in self._slots:
-                    slot.cached.clear()
+                self._slots.forget_all()
             self._seqs = [seq for seq in self._seqs if not seq.left]
             self._flush()
 
@@ -277,47 +257,13 @@ class BatchScheduler:
         except BaseException as exc:
             self._outbox.append((client, _Failure(exc)))
 
-    def _assign(self, seq: _Sequence) -> bool:
-        """Give `seq` the free slot sharing the longest prompt prefix if that covers at least half
-        the prompt (llama.cpp server's rule: sharing a BOS or a short system prompt is not worth
-        evicting a long cache), else the one keeping the running ids contiguous (module doc). An
-        entry of the prefix store sharing more than every free slot is restored into the latter.
-        Whatever KV the chosen slot loses goes to the store first, if worth keeping."""
-        free = [slot for slot in self._slots if not slot.busy]
-        if not free:
+    def _take_slot(self, seq: _Sequence) -> bool:
+        """Seat `seq` in a free slot (llamacpp_slots.py chooses it); False when all are busy."""
+        slot = self._slots.assign(seq.prep.tokens)
+        if slot is None:
             return False
-        prompt, store = seq.prep.tokens, self._prefixes
-        shared = {id(slot): dec.common_prefix(slot.cached, prompt) for slot in free}
-        slot = max(free, key=lambda s: shared[id(s)])
-        entry, stored = store.match(prompt) if store is not None else (None, 0)
-        if store is not None and entry is not None and stored > shared[id(slot)]:
-            slot = self._coldest(free)
-            slot.cached = store.swap(slot.seq_id, slot.cached, entry)
-            keep = min(stored, len(prompt) - 1) if slot.cached else 0
-        else:
-            if 2 * shared[id(slot)] < len(prompt):
-                slot = self._coldest(free)
-            keep = min(shared[id(slot)], len(prompt) - 1)  # decode at least one token: fresh logits
-            if store is not None:
-                store.offload(slot.seq_id, slot.cached, keep)
-        self._trim(slot, keep)
-        slot.busy, seq.slot, seq.cached, seq.fed = True, slot, len(slot.cached), len(slot.cached)
+        seq.slot, seq.cached, seq.fed = slot, len(slot.cached), len(slot.cached)
         return True
-
-    def _coldest(self, free: list[_Slot]) -> _Slot:
-        """The free slot keeping the running ids contiguous; empty, then least recently used first."""
-        busy = {s.seq_id for s in self._slots if s.busy}
-        return min(free, key=lambda s: (_runs(busy | {s.seq_id}), bool(s.cached), s.released))
-
-    def _trim(self, slot: _Slot, keep: int) -> None:
-        """Drop the slot's KV from position `keep` on."""
-        if keep >= len(slot.cached):
-            return
-        memory = llama_cpp.llama_get_memory(self.llm.ctx)
-        if not llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, keep, -1):
-            llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, 0, -1)  # partial removal refused: all
-            keep = 0
-        del slot.cached[keep:]
 
     def _release(self, seq: _Sequence, failure: _Failure | None = None) -> None:
         """Take `seq` out of the batch (after a failure: with the KV of its slot)."""
@@ -327,8 +273,9 @@ class BatchScheduler:
         seq.left = True
         if seq.slot is not None:
             if failure is not None:
-                self._trim(seq.slot, 0)
-            seq.slot.busy, seq.slot.released, seq.slot = False, self._steps, None
+                self._slots.trim(seq.slot, 0)
+            self._slots.release(seq.slot, self._steps)
+            seq.slot = None
 
     def _step(self) -> None:
         """Prompt chunks of newly joined sequences, one llama_decode each, so a prompt is read in
@@ -425,7 +372,7 @@ class BatchScheduler:
         if seq.gate is not None:
             predicted = shadow_check(seq.proposal, seq.draft, token)
             seq.gate.record(len(seq.draft), accepted, predicted, timed=self._alone)
-        self._trim(seq.slot, len(seq.slot.cached) - len(seq.rows) + 1 + i)  # unverified draft tokens
+        self._slots.trim(seq.slot, len(seq.slot.cached) - len(seq.rows) + 1 + i)  # unverified draft tokens
         seq.next = token
         if out.done:
             events = out.finish(len(prep.tokens), seq.cached, seq.stats)

@@ -2,11 +2,11 @@
 
 Every call on the `Llama` object runs on the engine's own thread (it is not thread-safe). Prompts
 are rendered from the GGUF's chat template in our sandbox (prompting.py), never by llama-cpp-python's
-chat handlers. Decoding uses llama-cpp-python's context, batch and sampler objects directly rather
-than `Llama.generate`, for three reasons: per-token logprobs without `logits_all` (which keeps an
-n_ctx x n_vocab float array), prompt-lookup drafts verified in one batch with only that batch's
-logits, and draft statistics for Usage (see llamacpp_decode.py). Loading, GGUF validation and the
-profile's llama.cpp settings live in llamacpp_load.py.
+chat handlers, and tokenized in llamacpp_prompt.py. Decoding uses llama-cpp-python's context, batch
+and sampler objects directly rather than `Llama.generate`, for three reasons: per-token logprobs
+without `logits_all` (which keeps an n_ctx x n_vocab float array), prompt-lookup drafts verified in
+one batch with only that batch's logits, and draft statistics for Usage (see llamacpp_decode.py).
+Loading, GGUF validation and the profile's llama.cpp settings live in llamacpp_load.py.
 
 With `max_concurrency = 1` (the default) requests run one at a time, FIFO, each as one job on the
 engine thread (`_produce`), with KV prefix reuse across requests (the context's own KV, and
@@ -39,17 +39,10 @@ from .llamacpp_batch import BatchScheduler
 from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
 from .llamacpp_prefix_cache import PrefixStore
+from .llamacpp_prompt import build_prompt, prompt_tokenizer
 from .prefix_disk import store_dir
 from .prompt_tokens import PromptTokenizer
-from .prompting import (
-    ChatTemplate,
-    TemplateError,
-    build_fim_prompt,
-    check_template,
-    fim_tokens_from_vocab,
-    render_chat,
-    tool_format_for,
-)
+from .prompting import ChatTemplate, TemplateError, check_template, fim_tokens_from_vocab, tool_format_for
 from .reasoning import ReasoningFormat, detect_reasoning
 from .sources import gguf_file
 from .types import Capability, EngineInfo, Event, GenerationRequest, SamplingParams
@@ -161,7 +154,7 @@ class LlamaCppEngine:
         decoder = Decoder(llm, (i for i, t in enumerate(tokens) if t in markers))
         n_ctx = min(llm.n_ctx(), llm.context_params.n_ctx)
         fim = fim_tokens_from_vocab(tokens)
-        prompt_tokens = PromptTokenizer(partial(_tokenize, llm), _control_tokens(llm, tokens))
+        prompt_tokens = prompt_tokenizer(llm, tokens)
         return _Model(llm, header, decoder, n_ctx, template, reasoning, fim, prompt_tokens=prompt_tokens)
 
     def _template_source(self, header: GGUFHeader) -> str | None:
@@ -250,36 +243,7 @@ class LlamaCppEngine:
     def _prompt(self, request: GenerationRequest) -> tuple[_Model, list[int], str]:
         """(model, tokens, text) exactly as generate() decodes them."""
         model = self._live()
-        llm, template = model.llm, model.template
-        add_special = request.add_special_tokens
-        if request.messages is not None:
-            if template is None:
-                raise UnsupportedRequestError(
-                    f"model {self.model_id!r} has no chat template; send a raw prompt"
-                )
-            if request.suffix is not None:
-                raise UnsupportedRequestError("fill-in-the-middle takes a raw prompt, not messages")
-            try:
-                text = render_chat(template, request.messages, request.tools, request.enable_thinking)
-            except TemplateError as exc:
-                raise UnsupportedRequestError(str(exc)) from None
-            bos = template.bos_token
-            add_special = add_special and not (bos and text.startswith(bos))
-        elif request.suffix is not None:
-            if model.fim is None:
-                raise UnsupportedRequestError(f"model {self.model_id!r} has no fill-in-the-middle tokens")
-            text = build_fim_prompt(request.prompt or "", request.suffix, model.fim)
-        else:
-            text = request.prompt or ""
-        if add_special or model.prompt_tokens is None:  # what the vocabulary adds: tokenized whole
-            tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
-        else:
-            tokens = model.prompt_tokens.encode(text)
-        if not tokens:
-            bos = llm.token_bos()
-            if bos < 0:
-                raise UnsupportedRequestError("the prompt is empty")
-            tokens = [bos]
+        tokens, text = build_prompt(model, request, self.model_id)
         return model, tokens, text
 
     def _prepare(self, request: GenerationRequest) -> Prepared:
@@ -402,22 +366,6 @@ class LlamaCppEngine:
             norm = float(np.linalg.norm(arr))
             out.append((arr / norm if norm > 0 else arr).tolist())
         return out
-
-
-def _tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-
-
-def _control_tokens(llm: llama_cpp.Llama, tokens: list[str]) -> dict[str, int]:
-    """The vocabulary's control tokens (<|im_start|>, [INST], ...): text -> id."""
-    vocab = llm._model.vocab
-    return {
-        text: i
-        for i, text in enumerate(tokens)
-        if len(text) > 1
-        and text[0] in "<["  # a cheap filter before asking llama.cpp
-        and llama_cpp.llama_vocab_get_attr(vocab, i) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
-    }
 
 
 def _close(model: _Model) -> None:

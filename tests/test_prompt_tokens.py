@@ -10,7 +10,7 @@ import llama_cpp
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_serve.engines.llamacpp_engine import _control_tokens
+from mlx_serve.engines.llamacpp_prompt import control_tokens
 from mlx_serve.engines.prompt_tokens import MIN_CHARS, PromptTokenizer, hf_special_tokens
 
 WORDS = "alpha beta  gamma\tdelta, épsilon 東京 naïve\n\n  <not special> ending. ".split(" ")
@@ -52,7 +52,7 @@ def tokenizer(
         vocab = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())]
         yield (
             (lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)),
-            _control_tokens(llm, vocab),
+            control_tokens(llm, vocab),
         )
         llm.close()
 
