@@ -371,7 +371,7 @@ def use_sequences(llm: llama_cpp.Llama, n_seq: int) -> None:
     short contexts about equal (unified ~9% cheaper at batch 8). Split decode is also batch-invariant
     (each sequence's attention is its own one-row matmul), so batched greedy output equals solo.
     A step's sequence ids should be contiguous: llama.cpp splits a batch into one pass per run of
-    consecutive ids (llamacpp_batch.py picks slots accordingly).
+    consecutive ids (llamacpp_slots.py picks slots accordingly).
     The Llama keeps its own `context_params` (the per-sequence n_ctx the engine reports); the new
     context is freed with the model (LlamaContext registers itself on the model's exit stack)."""
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
