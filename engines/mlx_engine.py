@@ -9,6 +9,9 @@ rejected at once instead of after the requests queued ahead of it.
 With `max_concurrency` 1 (the default) requests run one at a time, in arrival order (mlx_generation);
 above 1 they decode together, continuously batched (mlx_batch), unless speculative decoding or a
 quantized KV cache keeps the model at batch size 1 (mlx_batch.single_request_reason).
+
+Loading the model files, the draft model and the chat template, and the load-time checks of the
+profile's settings against them, are in mlx_load.
 """
 
 from __future__ import annotations
@@ -20,12 +23,9 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx_lm
-from mlx.utils import tree_reduce
 from mlx_lm.utils import get_total_parameters
 
 from mlx_serve.profiles.schema import ModelSpec
@@ -35,6 +35,14 @@ from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .mlx_batch import BatchScheduler, make_scheduler
 from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
+from .mlx_load import (
+    check_kv_group,
+    check_kv_settings,
+    load_draft,
+    load_mlx,
+    select_chat_template,
+    weights_nbytes,
+)
 from .mlx_prefix_cache import PrefixCache, make_prefix_cache
 from .mlx_sampling import resolve_sampling
 from .prompt_tokens import PromptTokenizer, hf_special_tokens
@@ -42,7 +50,6 @@ from .prompting import (
     ChatTemplate,
     TemplateError,
     build_fim_prompt,
-    check_template,
     fim_tokens_from_vocab,
     render_chat,
     tool_format_for,
@@ -120,15 +127,15 @@ class MLXEngine:
 
     def _load_on_thread(self) -> tuple[LoadedModel, ChatTemplate | None, EngineInfo]:
         self.counters.load_thread = threading.get_ident()
-        self._check_settings()
+        check_kv_settings(self.model_id, self.spec)
         model_dir = mlx_model_dir(self.model_id, self.spec)
-        model, tokenizer, config = _load_mlx(self.model_id, model_dir)
-        self._check_kv_group(config)
+        model, tokenizer, config = load_mlx(self.model_id, model_dir)
+        check_kv_group(self.model_id, self.spec, config)
         draft_model = None
         if self.spec.speculative is not None and self.spec.speculative.draft_model is not None:
-            draft_model = self._load_draft(config)
-        template = self._chat_template(tokenizer)
-        weights = _nbytes(model) + (_nbytes(draft_model) if draft_model is not None else 0)
+            draft_model = load_draft(self.model_id, self._draft, config)
+        template = select_chat_template(self.model_id, self.spec, tokenizer)
+        weights = weights_nbytes(model) + (weights_nbytes(draft_model) if draft_model is not None else 0)
         fim = fim_tokens_from_vocab(tokenizer.get_vocab().keys())
         loaded = LoadedModel(model, tokenizer, config, weights, draft_model, fim)
         loaded.prefix = make_prefix_cache(self.model_id, self.spec)
@@ -137,70 +144,6 @@ class MLXEngine:
         )
         loaded.prefix_dir = prefix_store.restore(self.model_id, self.spec, model_dir, loaded.prefix)
         return loaded, template, self._make_info(loaded, template)
-
-    def _check_settings(self) -> None:
-        kv = self.spec.kv_cache
-        if kv is not None and kv.bits is not None and kv.max_size is not None:
-            raise ModelLoadError(
-                self.model_id,
-                "kv_cache.bits together with kv_cache.max_size is not supported on MLX "
-                "(mlx-lm cannot quantize a rotating KV cache); drop one of them",
-            )
-        if kv is not None and kv.max_size is not None and self.spec.speculative is not None:
-            if self.spec.speculative.draft_model is not None:
-                log.warning(
-                    "%s: kv_cache.max_size does not apply with a draft model (speculative decoding "
-                    "needs a trimmable cache); the KV cache grows to the context length",
-                    self.model_id,
-                )
-
-    def _check_kv_group(self, config: dict[str, Any]) -> None:
-        kv = self.spec.kv_cache
-        if kv is None or kv.bits is None:
-            return
-        heads = config.get("num_attention_heads") or 0
-        head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)
-        if isinstance(head_dim, int) and head_dim and head_dim % kv.group_size:
-            raise ModelLoadError(
-                self.model_id,
-                f"kv_cache.group_size {kv.group_size} does not divide the model's head size {head_dim}",
-            )
-
-    def _load_draft(self, config: dict[str, Any]) -> Any:
-        if self._draft is None:
-            raise ModelLoadError(self.model_id, "speculative.draft_model is set but no draft model was given")
-        draft_id, draft_spec = self._draft
-        try:
-            draft_model, _, draft_config = _load_mlx(draft_id, mlx_model_dir(draft_id, draft_spec))
-        except ModelLoadError as exc:
-            raise ModelLoadError(self.model_id, f"draft model {draft_id!r}: {exc.reason}") from None
-        if draft_config.get("vocab_size") != config.get("vocab_size"):
-            raise ModelLoadError(
-                self.model_id,
-                f"draft model {draft_id!r} has a different vocabulary "
-                f"({draft_config.get('vocab_size')} vs {config.get('vocab_size')} tokens)",
-            )
-        return draft_model
-
-    def _chat_template(self, tokenizer: Any) -> ChatTemplate | None:
-        source = self.spec.chat_template
-        if source is not None and "{{" not in source and "{%" not in source:
-            path = Path(source).expanduser()  # a file name rather than the template itself
-            if not path.is_file():
-                raise ModelLoadError(self.model_id, f"chat_template file {source!r} does not exist")
-            source = path.read_text(encoding="utf-8")
-        if source is None:
-            source = getattr(tokenizer, "chat_template", None)
-            if isinstance(source, dict):  # named templates: the default one
-                source = source.get("default") or next(iter(source.values()), None)
-        if not source:
-            return None
-        template = ChatTemplate(source, tokenizer.bos_token or "", tokenizer.eos_token or "")
-        try:
-            check_template(template)
-        except TemplateError as exc:
-            raise ModelLoadError(self.model_id, str(exc)) from None
-        return template
 
     def _make_info(self, loaded: LoadedModel, template: ChatTemplate | None) -> EngineInfo:
         config = loaded.config
@@ -366,25 +309,6 @@ class MLXEngine:
         if thread is None or self._loaded is not loaded:
             raise EngineNotLoadedError(f"model {self.model_id!r} is not loaded")
         return await thread.call(_embed_on_thread, loaded, batches)
-
-
-def _load_mlx(model_id: str, path: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """mlx_lm.load with its failures turned into ModelLoadError naming the model and the reason."""
-    try:
-        model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
-    except FileNotFoundError as exc:
-        raise ModelLoadError(model_id, f"missing model files: {exc}") from None
-    except ValueError as exc:
-        text = str(exc)
-        kind = "unsupported architecture" if "not supported" in text else "weights do not match the config"
-        raise ModelLoadError(model_id, f"{kind}: {text}") from None
-    except Exception as exc:  # corrupt safetensors, bad JSON, tokenizer errors, ...
-        raise ModelLoadError(model_id, f"corrupt or unreadable model files: {exc}") from None
-    return model, tokenizer, config
-
-
-def _nbytes(model: Any) -> int:
-    return int(tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, model, 0))
 
 
 def _constraint(loaded: LoadedModel, response_format: dict[str, Any]) -> JsonConstraint | None:
