@@ -18,6 +18,7 @@ import pytest
 
 from mlx_serve.apis.errors import RequestError
 from mlx_serve.apis.openai import responses
+from mlx_serve.apis.openai import responses_items as ri
 from mlx_serve.apis.openai import responses_translate as rt
 from mlx_serve.engines.types import (
     Finished,
@@ -199,7 +200,7 @@ def test_assembler_length_and_failure() -> None:
 
 
 def test_input_items_become_messages() -> None:
-    items = rt.parse_items(
+    items = ri.parse_items(
         [
             {
                 "role": "developer",
@@ -225,7 +226,7 @@ def test_input_items_become_messages() -> None:
         ]
     )
     history = (Message(role="assistant", tool_calls=(ToolCall("call_0", "get_time", "{}"),)),)
-    messages = rt.to_messages(items, history)
+    messages = ri.to_messages(items, history)
     assert messages == (
         Message(role="system", content="Be brief"),
         Message(role="user", content="What is the weather in Berlin?"),
@@ -239,7 +240,7 @@ def test_input_items_become_messages() -> None:
         Message(role="tool", content="old", tool_call_id="call_0", name="get_time"),
     )
     with pytest.raises(RequestError) as err:
-        rt.to_messages(rt.parse_items([WEATHER_HISTORY[2]]), ())
+        ri.to_messages(ri.parse_items([WEATHER_HISTORY[2]]), ())
     assert err.value.param == "input[0].call_id"
 
 
@@ -255,7 +256,7 @@ def test_request_translation() -> None:
         text={"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
         reasoning={"effort": "none"},
     )
-    gen = rt.generation_request(body, rt.to_messages(rt.parse_items(body.input), ()))
+    gen = rt.generation_request(body, ri.to_messages(ri.parse_items(body.input), ()))
     assert gen.messages == (
         Message(role="system", content="Answer briefly."),
         Message(role="user", content="hi"),

@@ -1,9 +1,9 @@
 """OpenAI Responses API: `POST /v1/responses`, plain and streaming, with `previous_response_id`.
 
-The request side (wire models, input items -> messages) is in responses_translate.py. Here: the
-`ResponseAssembler` turns engine events into the Response object and its stream events (one code
-path for both modes, so the streamed final response equals the plain one), the per-process LRU
-store of conversations for `previous_response_id`, and the route.
+The request side is in responses_translate.py (wire models) and responses_items.py (input items
+-> messages). Here: the `ResponseAssembler` turns engine events into the Response object and its
+stream events (one code path for both modes, so the streamed final response equals the plain
+one), the per-process LRU store of conversations for `previous_response_id`, and the route.
 
 Stream: response.created, response.in_progress, then per output item output_item.added,
 (content_part.added, output_text.delta*, output_text.done, content_part.done) or
@@ -42,6 +42,7 @@ from ..body import read_body
 from ..context import RESPONSE_STORE, limits, registry
 from ..errors import ErrorInfo, RequestError, classify, error_body, error_response
 from ..generation import open_generation
+from . import responses_items as ri
 from . import responses_translate as rt
 from .routes import _check_generates
 
@@ -357,7 +358,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     created_at = int(time.time())
     body = await read_body(request, rt.ResponsesRequest)
     rt.check_request(body, limits(request))
-    items = rt.parse_items(body.input)
+    items = ri.parse_items(body.input)
     _check_generates(request, body.model)  # unknown model (404) or an embedding model (400)
     store = request.app[RESPONSE_STORE]
     history: tuple[Message, ...] = ()
@@ -366,7 +367,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if found is None:
             return _not_found(body.previous_response_id)
         history = found
-    conversation = history + rt.to_messages(items, history)
+    conversation = history + ri.to_messages(items, history)
     gen = rt.generation_request(body, conversation)
     try:
         model_id, events = await open_generation(request, DIALECT, body.model, gen)

@@ -2,8 +2,7 @@
 
 `POST /v1/responses` takes `input` as a string or a list of items (messages, `function_call`,
 `function_call_output`, `reasoning`); responses_items.py turns them into the engines' `Message`s,
-with the conversation of `previous_response_id` in front (its parse_items and to_messages are
-re-exported here, so the request side has one entry point). Strict types, every number
+with the conversation of `previous_response_id` in front. Strict types, every number
 range-checked, unknown fields ignored (logged at debug by apis.body). Errors name the field the way
 OpenAI does (`input[2].call_id`). Nothing here does I/O; the response side (engine events ->
 Response object and stream events) and the route live in responses.py.
@@ -27,8 +26,6 @@ from .protocol import (
     TopLogprobs,
     TopP,
 )
-from .responses_items import parse_items as parse_items
-from .responses_items import to_messages as to_messages
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
