@@ -32,8 +32,8 @@ class StepCosts:
     per k (the marginal cost of a token falls as batches grow: llama.cpp on 2 cores, SmolLM2, pays
     about one step for a second token but 0.7 for each of ten). Sizes not yet timed are
     interpolated between timed ones, and assumed cheap beyond the largest (PRIOR_SLOPE a token, or
-    less if the timed sizes are cheaper), so a promising size is tried once and then known. Shared by the model's requests' gates; the engine
-    thread alone touches it."""
+    less if the timed sizes are cheaper), so a promising size is tried once and then known.
+    Shared by the model's requests' gates; the engine thread alone touches it."""
 
     PRIOR_SLOPE = 0.25  # per drafted token, where nothing was timed: optimistic enough to try
     SMOOTHING = 0.3  # weight of the newest timing in the averages
