@@ -9,6 +9,10 @@ cache entries of rejected drafts are trimmed. Every emitted token is one the mod
 given the same prefix, so greedy output is identical to plain decoding (up to the floating-point
 differences of a multi-token forward pass, the same caveat as mlx-lm's draft-model decoding).
 
+While the request's SpeculationGate rules drafting out, each plain step is submitted before the
+previous one is read (mlx-lm's generate_step pipelines the same way), so a paused gate costs plain
+decoding nothing.
+
 `prompt_lookup_generate_step` mirrors mlx-lm's `speculative_generate_step`: it yields
 `(token, logprobs, from_draft)` and must run on the thread that owns the model (DESIGN §4).
 """
@@ -125,12 +129,27 @@ def prompt_lookup_generate_step(
         if logits_processors:
             seen = mx.concatenate([mx.array(cached, mx.uint32), prompt[:-1].astype(mx.uint32)])
         produced = 0
+        queued = None  # (picks, logprobs) of the next plain step, already submitted
         while max_tokens < 0 or produced < max_tokens:
             left = num_pred_tokens if max_tokens < 0 else min(num_pred_tokens, max_tokens - produced)
-            proposal = index.propose(_draft_room(cache, left))
-            draft = proposal[: gate.draft_length(len(proposal))]
-            inputs = mx.concatenate([y, mx.array(draft, mx.uint32)]) if draft else y
-            picks, logprobs = verify(inputs, seen)
+            proposal = index.propose(_draft_room(cache, left))  # needs y's value: known by now
+            if queued is not None:  # plain step queued before the lookup could propose
+                draft, inputs, (picks, logprobs) = [], y, queued
+                queued = None
+            else:
+                draft = proposal[: gate.draft_length(len(proposal))]
+                inputs = mx.concatenate([y, mx.array(draft, mx.uint32)]) if draft else y
+                picks, logprobs = verify(inputs, seen)
+            if (
+                not draft
+                and gate.draft_length(num_pred_tokens) == 0
+                and (max_tokens < 0 or produced + 1 < max_tokens)
+            ):
+                # The next step cannot draft whatever is proposed: queue it now, on this step's lazy
+                # token, so the model computes while we wait (as generate_step does): drafting
+                # that pauses costs plain decoding nothing.
+                queued = verify(picks[:1], None if seen is None else mx.concatenate([seen, inputs[:1]]))
+                mx.async_eval(*queued)
             mx.eval(picks, logprobs)
             chosen = picks.tolist()
             accepted = 0

@@ -334,6 +334,11 @@ async def test_speculation_gate_stops_drafting_on_novel_text(
     assert ungated_usage.accepted_draft_tokens < 0.3 * ungated_usage.drafted_tokens  # really novel
     assert gated_usage.drafted_tokens < ungated_usage.drafted_tokens / 2, (gated_usage, ungated_usage)
     assert ungated.text == plain.text and with_gate.text == plain.text
+    # While the gate drafts nothing, each plain step is queued before the previous one is read;
+    # logits processors see the same tokens there (a repetition penalty changes this text).
+    penalized, unpenalized = (raw(story, 200, logprobs=False, repetition_penalty=p) for p in (1.3, 1.0))
+    expected = (await run(cold, penalized)).text
+    assert (await run(gated, penalized)).text == expected != (await run(cold, unpenalized)).text
 
 
 # -- through the daemon ----------------------------------------------------------------------
