@@ -29,6 +29,10 @@ from mlx_serve.profiles.schema import ModelSpec
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 MAX_ENTRIES = 256  # a lookup scans every entry; tiny models could otherwise keep thousands
+# A kept entry (at least min_tokens long) is reused for whatever it shares with a new prompt: a view
+# costs nothing, so even a chat template's short default system prompt is not computed again
+# (SmolLM2's: ~20 tokens, half of a short chat prompt). A token or two (BOS) is not worth it.
+MIN_REUSE = 4
 
 
 @dataclass(eq=False)
@@ -62,7 +66,7 @@ class PrefixCache:
             n = _common_prefix(entry.tokens, ids)
             if n > best_len:
                 best, best_len = entry, n
-        if best is None or best_len < self.min_tokens:
+        if best is None or best_len < MIN_REUSE:
             return None, 0
         self._touch(best)
         return [view(c, best_len) for c in best.cache], best_len

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from mlx_serve.engines.mlx_engine import MLXEngine
-from mlx_serve.engines.mlx_prefix_cache import PrefixCache
+from mlx_serve.engines.mlx_prefix_cache import MIN_REUSE, PrefixCache
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import ModelSpec, PromptLookup, Speculative
 
@@ -210,6 +210,10 @@ async def test_short_prompts_are_not_kept(make_mlx_engine: Any, tiny_mlx: Path) 
     assert len(prefix_of(engine)) == 0 and engine.memory_breakdown()["kv_cache"] == 0
     await run(engine, raw(SHARED, 8))
     assert len(prefix_of(engine)) == 1
+    # What a kept entry shares with a new prompt is reused however short (a template's system
+    # prompt): min_tokens bounds what is kept, not what is reused.
+    other = await run(engine, raw(SHARED[:40] + " and now for something else entirely", 8))
+    assert MIN_REUSE <= other.finished.usage.cached_prompt_tokens < 64
 
 
 @engine_test
