@@ -98,8 +98,8 @@ class SpeculationGate:
         if a < self.min_acceptance:
             return 0
         best, best_gain = 0, self.MARGIN
-        for k in range(1, available + 1):
-            gain = expected_tokens(a, k) / self.costs.relative(k)
+        for k, expected in enumerate(expected_tokens(a, available)):
+            gain = expected / self.costs.relative(k) if k else 0.0
             if gain > best_gain:
                 best, best_gain = k, gain
         if best == 0 and a >= self.EXPLORE_ACCEPTANCE and self._since_draft >= self.EXPLORE_AFTER:
@@ -139,10 +139,15 @@ def shadow_check(proposal: Sequence[int], draft: Sequence[int], produced: int) -
     return None if draft or not proposal else proposal[0] == produced
 
 
-def expected_tokens(acceptance: float, drafted: int) -> float:
-    """Tokens a step emits on average with `drafted` drafts, each accepted with probability
-    `acceptance` once the ones before it were: the accepted run plus the model's own next token."""
-    return sum(acceptance**i for i in range(drafted + 1))
+def expected_tokens(acceptance: float, most: int) -> list[float]:
+    """For k = 0..most drafts: the tokens a step emits on average, each draft accepted with
+    probability `acceptance` once the ones before it were (the accepted run plus the model's own
+    next token): 1 + a + ... + a^k."""
+    out, term = [1.0], 1.0
+    for _ in range(most):
+        term *= acceptance
+        out.append(out[-1] + term)
+    return out
 
 
 class _Average:

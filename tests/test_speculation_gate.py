@@ -33,9 +33,9 @@ class Machine:
 
 
 def test_expected_tokens_and_shadow_checks() -> None:
-    assert expected_tokens(0.0, 5) == 1  # nothing accepted: the model's own token only
-    assert expected_tokens(1.0, 5) == 6
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.0, 5) == [1] * 6  # nothing accepted: the model's own token only
+    assert expected_tokens(1.0, 5)[5] == 6
+    assert expected_tokens(0.5, 2) == pytest.approx([1, 1.5, 1.75])
     assert shadow_check([7, 8], [], 7) is True
     assert shadow_check([7, 8], [], 9) is False
     assert shadow_check([], [], 9) is None  # nothing proposed: nothing learned
