@@ -94,11 +94,14 @@ class _Job:
 class _Sequence:
     """One request in the batch."""
 
-    def __init__(
-        self, prep: dec.Prepared, client: _Client, lookup: PromptLookup | None, gate: SpeculationGate | None
-    ) -> None:
+    def __init__(self, prep: dec.Prepared, client: _Client, lookup: PromptLookup | None) -> None:
         self.prep, self.client, self.cancelled = prep, client, client.cancelled
-        self.gate = gate  # with prompt lookup: whether drafting pays for this request
+        # With prompt lookup: whether drafting pays for this request, and where drafts come from.
+        costs = prep.model.decoder.step_costs
+        self.gate = SpeculationGate(lookup.min_acceptance, costs) if lookup else None
+        self.index = NgramIndex(lookup.min_ngram, lookup.max_ngram) if lookup else None
+        if self.index is not None:
+            self.index.extend(prep.tokens)
         self.sampler = dec.make_sampler(prep.model.llm, prep.sampling)
         self.argmax = dec.plain_greedy(prep.sampling)  # the first maximum: what the sampler picks, cheaper
         self.output = dec.Output(prep, prep.model.decoder)
@@ -111,9 +114,6 @@ class _Sequence:
         self.proposal: list[int] = []  # what prompt lookup proposed for the next step
         self.draft: list[int] = []  # the part of it the step decodes
         self.rows: range = range(0)  # batch rows holding this sequence's logits after the step
-        self.index = NgramIndex(lookup.min_ngram, lookup.max_ngram) if lookup else None  # prompt lookup
-        if self.index is not None:
-            self.index.extend(prep.tokens)
 
     @property
     def decoding(self) -> bool:
@@ -251,9 +251,7 @@ class BatchScheduler:
             prep = prepare()
             if prep.model.llm is not self.llm:
                 raise EngineNotLoadedError("the model was reloaded")
-            costs = prep.model.decoder.step_costs
-            gate = SpeculationGate(self._lookup.min_acceptance, costs) if self._lookup else None
-            self._seqs.append(_Sequence(prep, client, self._lookup, gate))
+            self._seqs.append(_Sequence(prep, client, self._lookup))
         except BaseException as exc:
             self._outbox.append((client, _Failure(exc)))
 
