@@ -176,6 +176,7 @@ class Registry:
                 await self._make_room(slot)
                 engine = self._factory(slot.model_id, slot.spec, self._profile.models)
                 await engine.load()
+            release_memory()  # what the load only needed for a moment (the tokenizer's JSON, ...)
         except InsufficientMemoryError:
             slot.state, slot.load_task = SlotState.UNLOADED, None
             raise

@@ -28,6 +28,10 @@ def load_mlx(model_id: str, path: Path) -> tuple[Any, Any, dict[str, Any]]:
     """mlx_lm.load with its failures turned into ModelLoadError naming the model and the reason."""
     try:
         model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
+        # Building the model drew its (discarded) random initial weights from MLX's global key,
+        # leaving that key a lazy chain of a split per layer that nothing evaluates: it would hold
+        # native memory past the unload and grow with every load. Evaluating it cuts the chain.
+        mx.eval(mx.random.state)
     except FileNotFoundError as exc:
         raise ModelLoadError(model_id, f"missing model files: {exc}") from None
     except ValueError as exc:
