@@ -81,7 +81,9 @@ def smol(smollm2_gguf: Path) -> Iterator[LlamaCppEngine]:
 
 
 def direct_bytes(path: Path, prompt: list[int], max_tokens: int, **kw) -> list[bytes]:
-    """Greedy token pieces from llama-cpp-python's own generate()."""
+    """Greedy token pieces from llama-cpp-python's own generate(), with flash attention as the
+    engine has it by default (greedy text forks between the two after a few tokens)."""
+    kw.setdefault("flash_attn", True)
     llm = Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False, **kw)
     try:
         out = []
@@ -123,19 +125,22 @@ def test_llama_settings_from_the_profile(tiny_gguf: Path, smollm2_gguf: Path) ->
     default = llama_kwargs(spec(tiny_gguf), header)
     assert default["n_ctx"] == 2048  # the trained context, capped at DEFAULT_MAX_CONTEXT
     assert default["n_threads"] == default["n_threads_batch"] == physical_cores()
-    assert not default["flash_attn"] and "type_k" not in default and default["n_gpu_layers"] == -1
+    # Flash attention is on unless the profile says false (llama.cpp's own default, not the wrapper's).
+    assert default["flash_attn"] and "type_k" not in default and default["n_gpu_layers"] == -1
+    assert not llama_kwargs(spec(tiny_gguf, flash_attn=False), header)["flash_attn"]
     smol = read_gguf_header(smollm2_gguf)
     assert llama_kwargs(spec(smollm2_gguf), smol)["n_ctx"] == min(8192, DEFAULT_MAX_CONTEXT)
     assert smol.quantization == "Q4_1" and 130e6 < smol.parameter_count < 140e6
     tuned = llama_kwargs(
-        spec(tiny_gguf, context_length=1024, threads=3, n_gpu_layers=0, kv_cache=KVCache(bits=4)), header
+        spec(tiny_gguf, context_length=1024, threads=3, n_gpu_layers=0, kv_cache=KVCache(bits=4), flash_attn=False),
+        header,
     )
     assert tuned["n_ctx"] == 1024 and tuned["n_threads"] == 3 and tuned["n_gpu_layers"] == 0
-    # A quantized V cache needs flash attention in llama.cpp, so kv bits switch it on.
+    # A quantized V cache needs flash attention in llama.cpp, so kv bits switch it on, even over false.
     assert tuned["flash_attn"] and tuned["type_k"] == tuned["type_v"] == llama_cpp.GGML_TYPE_Q4_0
     # So does prompt lookup: drafts verified in one batch match one-at-a-time decoding only with it.
     lookup = Speculative(prompt_lookup=PromptLookup())
-    assert llama_kwargs(spec(tiny_gguf, speculative=lookup), header)["flash_attn"]
+    assert llama_kwargs(spec(tiny_gguf, speculative=lookup, flash_attn=False), header)["flash_attn"]
     embed = llama_kwargs(spec(tiny_gguf, context_length=256, embedding=True), header)
     assert (
         embed["embedding"]
