@@ -1,8 +1,8 @@
 """Server-sent events for streaming dialects (OpenAI `data:` lines, Anthropic named events).
 
-Writes go straight to the socket with no buffering. A client that went away surfaces as
-ClientGone; handlers stop iterating their events then, and closing the event stream cancels the
-generation (together with aiohttp's handler cancellation).
+Each event is written as it comes; on fast streams several go out in one socket send (paced.py).
+A client that went away surfaces as ClientGone; handlers stop iterating their events then, and
+closing the event stream cancels the generation (together with aiohttp's handler cancellation).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from aiohttp import web
+
+from .paced import PacedStreamResponse
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -27,7 +29,7 @@ async def open_stream(request: web.Request, headers: dict[str, str] | None = Non
     base = dict(HEADERS)
     if request_id := request.get("request_id"):  # the middleware adds it only after the handler returns
         base["X-Request-Id"] = request_id
-    response = web.StreamResponse(status=200, headers={**base, **(headers or {})})
+    response = PacedStreamResponse(status=200, headers={**base, **(headers or {})})
     response.enable_chunked_encoding()
     try:
         await response.prepare(request)
