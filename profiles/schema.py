@@ -190,7 +190,7 @@ class ModelSettings(_Strict):
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 1
     threads: Annotated[int, Field(ge=1, le=512)] | None = None
     n_gpu_layers: Annotated[int, Field(ge=-1)] = -1
-    flash_attn: bool | None = None  # None: on, as llama.cpp's own default (auto) is on CPU and Metal
+    flash_attn: bool | None = None  # None: on when llama.cpp runs the layers on a GPU (Metal), off on CPU
     prefix_cache: PrefixCache = PrefixCache()
 
     @field_validator("ttl")

@@ -26,6 +26,7 @@ from mlx_serve.engines.errors import (
 from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
 from mlx_serve.engines.llamacpp_load import (
     DEFAULT_MAX_CONTEXT,
+    flash_attention,
     llama_kwargs,
     physical_cores,
     read_gguf_header,
@@ -83,7 +84,7 @@ def smol(smollm2_gguf: Path) -> Iterator[LlamaCppEngine]:
 def direct_bytes(path: Path, prompt: list[int], max_tokens: int, **kw) -> list[bytes]:
     """Greedy token pieces from llama-cpp-python's own generate(), with flash attention as the
     engine has it by default (greedy text forks between the two after a few tokens)."""
-    kw.setdefault("flash_attn", True)
+    kw.setdefault("flash_attn", flash_attention(spec(path)))
     llm = Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False, **kw)
     try:
         out = []
@@ -125,14 +126,24 @@ def test_llama_settings_from_the_profile(tiny_gguf: Path, smollm2_gguf: Path) ->
     default = llama_kwargs(spec(tiny_gguf), header)
     assert default["n_ctx"] == 2048  # the trained context, capped at DEFAULT_MAX_CONTEXT
     assert default["n_threads"] == default["n_threads_batch"] == physical_cores()
-    # Flash attention is on unless the profile says false (llama.cpp's own default, not the wrapper's).
-    assert default["flash_attn"] and "type_k" not in default and default["n_gpu_layers"] == -1
+    # Flash attention by default only where the layers run on a GPU (this CPU build has none).
+    on_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    assert default["flash_attn"] == on_gpu and "type_k" not in default and default["n_gpu_layers"] == -1
+    assert llama_kwargs(spec(tiny_gguf, flash_attn=True), header)["flash_attn"]
     assert not llama_kwargs(spec(tiny_gguf, flash_attn=False), header)["flash_attn"]
+    assert not llama_kwargs(spec(tiny_gguf, n_gpu_layers=0), header)["flash_attn"]
     smol = read_gguf_header(smollm2_gguf)
     assert llama_kwargs(spec(smollm2_gguf), smol)["n_ctx"] == min(8192, DEFAULT_MAX_CONTEXT)
     assert smol.quantization == "Q4_1" and 130e6 < smol.parameter_count < 140e6
     tuned = llama_kwargs(
-        spec(tiny_gguf, context_length=1024, threads=3, n_gpu_layers=0, kv_cache=KVCache(bits=4), flash_attn=False),
+        spec(
+            tiny_gguf,
+            context_length=1024,
+            threads=3,
+            n_gpu_layers=0,
+            kv_cache=KVCache(bits=4),
+            flash_attn=False,
+        ),
         header,
     )
     assert tuned["n_ctx"] == 1024 and tuned["n_threads"] == 3 and tuned["n_gpu_layers"] == 0

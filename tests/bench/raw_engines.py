@@ -4,7 +4,9 @@
   for N sequences, a context with n_seq_max=N and one llama_decode per step for all N (DESIGN §4:
   `Llama` cannot do this). Its KV cache is split, one stream per sequence (`kv_unified = False`),
   as mlx-serve's engine does (engines/llamacpp_load.use_sequences), so batch-N ratios compare like
-  with like; `kv_unified=True` gives DESIGN §4's unified cache, reported as an extra row.
+  with like; `kv_unified=True` gives DESIGN §4's unified cache, reported as an extra row. Flash
+  attention is as the engine has it by default (engines/llamacpp_load.flash_attention: off on
+  CPU, where it speeds short contexts and slows long ones), not llama.cpp's "auto".
 - MLX through mlx-lm: generate_step for one sequence, BatchGenerator (the model's forward on a batch
   of N with a KV cache) for N.
 
@@ -90,7 +92,12 @@ class LlamaRaw:
     UNIFIED_NAME = "raw llama.cpp (unified KV)"
 
     def __init__(
-        self, model_path: Path, threads: int, n_ctx_per_seq: int = 2048, kv_unified: bool = False
+        self,
+        model_path: Path,
+        threads: int,
+        n_ctx_per_seq: int = 2048,
+        kv_unified: bool = False,
+        flash_attn: bool = False,
     ) -> None:
         import llama_cpp
 
@@ -105,6 +112,7 @@ class LlamaRaw:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.threads, self.n_ctx_per_seq, self.kv_unified = threads, n_ctx_per_seq, kv_unified
+        self.flash_attn = flash_attn
         self.name = self.UNIFIED_NAME if kv_unified else self.SPLIT_NAME
         self._contexts: dict[int, object] = {}
 
@@ -151,6 +159,8 @@ class LlamaRaw:
             params.n_ubatch = 512
             params.n_seq_max = n_seq
             params.kv_unified = self.kv_unified
+            fa = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            params.flash_attn_type = fa
             params.n_threads = params.n_threads_batch = self.threads
             ctx = lc.llama_init_from_model(self.model, params)
             if not ctx:

@@ -122,13 +122,19 @@ class Bench:
         return ServerSpec(system, family.engine, family.model, self.settings.threads, **kw)
 
     def raw(self, family: Family, kv_unified: bool = False) -> RawEngine:
-        """The family's engine in-process; llama.cpp's with a split KV cache like mlx-serve's engine
-        unless kv_unified (DESIGN §4's unified cache, an extra baseline row)."""
+        """The family's engine in-process; llama.cpp's with a split KV cache and flash attention as
+        mlx-serve's engine has them, unless kv_unified (DESIGN §4's unified cache, an extra row)."""
         key = f"{family.key}{' unified' if kv_unified else ''}"
         if key not in self._raw:
             self.log(f"  loading {key} in-process")
             if family.engine == "llama_cpp":
-                engine: RawEngine = LlamaRaw(family.model, self.settings.threads, kv_unified=kv_unified)
+                from mlx_serve.engines.llamacpp_load import flash_attention  # imports llama.cpp
+                from mlx_serve.profiles.schema import ModelSpec
+
+                fa = flash_attention(ModelSpec(source=str(family.model), engine="llama_cpp"))
+                engine: RawEngine = LlamaRaw(
+                    family.model, self.settings.threads, kv_unified=kv_unified, flash_attn=fa
+                )
             else:
                 engine = MlxRaw(family.model)
             engine.generate([engine.chat_tokens("Say hi.")], 2)  # warm-up, like the servers get
