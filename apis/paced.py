@@ -1,8 +1,8 @@
 """A streaming response that gathers the writes of fast streams into fewer socket sends.
 
 Each token used to be its own socket send: a system call, a TCP round through the kernel and a
-wake-up of the client, on the same cores the engine computes on. On 2 CPU cores that cost 7-14% of
-llama.cpp's single-stream decode speed (SmolLM2 at ~150 tok/s). Now, once a stream has run for
+wake-up of the client, on the same cores the engine computes on. On 2 CPU cores that cost about 7%
+of llama.cpp's single-stream decode speed (SmolLM2 at ~150 tok/s). Now, once a stream has run for
 INTERVAL, what it writes within INTERVAL of its last send waits for the next send, due at most
 INTERVAL later (a timer sends it if nothing else comes). Clients still receive one event per token,
 only in packets of a few; the first INTERVAL of a stream (the first token and what precedes it) and
