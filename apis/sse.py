@@ -1,6 +1,6 @@
 """Server-sent events for streaming dialects (OpenAI `data:` lines, Anthropic named events).
 
-Each event is written as it comes; on fast streams several go out in one socket send (paced.py).
+Each event is written as it comes; on fast streams the events of one pass of the event loop go out in one socket send (corked.py).
 A client that went away surfaces as ClientGone; handlers stop iterating their events then, and
 closing the event stream cancels the generation (together with aiohttp's handler cancellation).
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .paced import PacedStreamResponse
+from .corked import CorkedStreamResponse
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -29,7 +29,7 @@ async def open_stream(request: web.Request, headers: dict[str, str] | None = Non
     base = dict(HEADERS)
     if request_id := request.get("request_id"):  # the middleware adds it only after the handler returns
         base["X-Request-Id"] = request_id
-    response = PacedStreamResponse(status=200, headers={**base, **(headers or {})})
+    response = CorkedStreamResponse(status=200, headers={**base, **(headers or {})})
     response.enable_chunked_encoding()
     try:
         await response.prepare(request)

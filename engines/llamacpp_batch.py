@@ -13,7 +13,7 @@ jobs (unload). Each step it
      llama_decode of one token per decoding sequence;
   4. samples each sequence from its own batch row with its own sampler chain, JSON constraint,
      logprobs, stop strings and OutputPipeline, and hands all events of the step to the event
-     loop in one wake-up (each call_soon_threadsafe costs a pipe write).
+     loop in one post to its Handoff (worker.py: one wake-up at most, paced while busy).
 
 Slot choice and prefix reuse across requests (slots and the prefix store): llamacpp_slots.py.
 
@@ -36,11 +36,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import llama_cpp
-import numpy as np
 from llama_cpp._internals import LlamaBatch
 
 from mlx_serve.profiles.schema import PromptLookup
@@ -52,7 +51,7 @@ from .llamacpp_slots import Slot, Slots
 from .ngram_index import NgramIndex
 from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
-from .worker import post_by_loop
+from .worker import Handoff, handoff_for, post_by_loop
 
 T = TypeVar("T")
 PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
@@ -69,20 +68,22 @@ class _Failure:
 class _Client:
     """The receiving end of one request: an asyncio queue on its event loop."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any]
-    cancelled: threading.Event
+    handoff: Handoff  # to its event loop
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # an item was posted (post_by_loop)
 
-    def send(self, item: Any) -> None:  # now (rare paths; a step's events go through _flush)
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (process shutting down): stop producing
-            self.cancelled.set()
+    def send(self, item: Any) -> None:  # outside a step (failures; a step's events go through _flush)
+        post_by_loop([(self, item)], _deliver, _last)
 
 
 def _deliver(items: list[tuple[_Client, Any]]) -> None:
     for client, item in items:
         client.queue.put_nowait(item)
+
+
+def _last(item: Any) -> bool:
+    return isinstance(item, (Finished, _Failure))
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,6 @@ class BatchScheduler:
     ) -> None:
         self._thread, self.llm, self._lookup, self._count = thread, llm, lookup, count
         self._capacity = llm.n_batch  # tokens per llama_decode (the context's n_batch)
-        self._vocab = llm.n_vocab()
         self._batch = LlamaBatch(n_tokens=self._capacity, embd=0, n_seq_max=1, verbose=False)
         self._slots = Slots(llm, prefixes)
         self._seqs: list[_Sequence] = []  # in arrival order; those without a slot are waiting
@@ -148,7 +148,7 @@ class BatchScheduler:
     async def stream(self, prepare: Callable[[], dec.Prepared]) -> AsyncIterator[Event]:
         """Events of one request; `prepare` runs on the engine thread (its errors are raised here
         before any event). Closing the iterator cancels the request at the next step."""
-        client = _Client(asyncio.get_running_loop(), asyncio.Queue(), threading.Event())
+        client = _Client(handoff_for(asyncio.get_running_loop()))
         self._submit(_Job(lambda: self._admit(prepare, client), lambda exc: client.send(_Failure(exc))))
         try:
             while True:
@@ -243,7 +243,7 @@ class BatchScheduler:
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop."""
-        post_by_loop(self._outbox, _deliver)
+        post_by_loop(self._outbox, _deliver, _last)
         self._outbox.clear()
 
     def _admit(self, prepare: Callable[[], dec.Prepared], client: _Client) -> None:
@@ -351,7 +351,7 @@ class BatchScheduler:
             if prep.constraint is not None:
                 prep.constraint.mask_llama_logits(self.llm, row)
             if seq.argmax:
-                token = int(np.ctypeslib.as_array(ctx.get_logits_ith(row), shape=(self._vocab,)).argmax())
+                token = prep.model.decoder.argmax(row)
             else:
                 token = seq.sampler.sample(ctx, row)
             if prep.constraint is not None:

@@ -134,6 +134,7 @@ class Decoder:
         top_logprobs: int = 0,
         stats: DraftStats | None = None,
         constraint: JsonConstraint | None = None,
+        argmax: bool = False,
     ) -> Iterator[tuple[int, tuple[TokenLogprob, ...]]]:
         """Up to `budget` sampled tokens with their logprobs, after prefill(prompt).
 
@@ -144,7 +145,8 @@ class Decoder:
         batch differently, enough to fork SmolLM2's greedy text after ~300 characters). A
         SpeculationGate per request drafts only as much as its acceptance and this model's measured
         cost of drafting promise to gain (novel text drafts almost nothing).
-        A `constraint` masks each position's logits to its grammar before sampling.
+        A `constraint` masks each position's logits to its grammar before sampling. `argmax`: pick
+        the first maximum instead of running `sampler` (plain_greedy sampling: the same token).
         """
         llm, stats = self.llm, stats or DraftStats()
         gate = SpeculationGate(lookup.min_acceptance, self.step_costs) if lookup is not None else None
@@ -158,7 +160,7 @@ class Decoder:
                 idx = i if draft else -1  # batch index of the logits that predict this token
                 if constraint is not None:
                     constraint.mask_llama_logits(llm, idx)
-                token = sampler.sample(llm._ctx, idx)
+                token = self.argmax(idx) if argmax else sampler.sample(llm._ctx, idx)
                 if constraint is not None:
                     constraint.accept(token)
                 if index is not None:
@@ -184,6 +186,12 @@ class Decoder:
                 draft = proposal[: gate.draft_length(len(proposal))]
                 stats.drafted += len(draft)
             decode(llm, [token, *draft], all_logits=bool(draft))
+
+    def argmax(self, idx: int) -> int:
+        """The first maximum of batch row idx's logits: what a greedy sampler chain without
+        penalties picks, in a sixth of the time (its chain fills a candidate array of the vocabulary)."""
+        llm = self.llm
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(idx), shape=(llm.n_vocab(),)).argmax())
 
     def token_logprobs(self, idx: int, token: int, top: int) -> tuple[TokenLogprob, ...]:
         llm = self.llm

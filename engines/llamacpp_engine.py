@@ -36,7 +36,7 @@ from . import llamacpp_prefix_disk as prefix_disk
 from .constrained import JsonConstraint
 from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
 from .llamacpp_batch import BatchScheduler
-from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler
+from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler, plain_greedy
 from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
 from .llamacpp_prefix_cache import PrefixStore
 from .llamacpp_prompt import build_prompt, prompt_tokenizer
@@ -318,6 +318,7 @@ class LlamaCppEngine:
                 prep.top_logprobs,
                 stats,
                 prep.constraint,
+                argmax=plain_greedy(prep.sampling),
             )
             try:
                 for token, logprobs in tokens:

@@ -51,7 +51,7 @@ from .mlx_generation import (
     keep_prefix,
 )
 from .types import Event, Finished, Usage
-from .worker import EngineThread, post_by_loop
+from .worker import EngineThread, Handoff, handoff_for, post_by_loop
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -100,9 +100,10 @@ class _Request:
     """One generation: its plan, and the event loop and queue its events go to."""
 
     plan: DecodePlan
-    loop: asyncio.AbstractEventLoop
+    handoff: Handoff  # to its event loop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False  # an event was posted (post_by_loop)
 
 
 def _put_all(posts: list[tuple[_Request, Event]]) -> None:
@@ -111,7 +112,7 @@ def _put_all(posts: list[tuple[_Request, Event]]) -> None:
 
 
 def _post(posts: list[tuple[_Request, Event]]) -> None:
-    post_by_loop(posts, _put_all)
+    post_by_loop(posts, _put_all, last=lambda event: isinstance(event, Finished))
 
 
 def _failed(request: _Request, exc: BaseException) -> tuple[_Request, Event]:
@@ -171,7 +172,7 @@ class BatchScheduler:
     async def stream(self, plan: DecodePlan) -> AsyncIterator[Event]:
         """Queue one request and yield its events, the last one Finished. Closing the iterator
         (or cancelling its consumer) takes the request out of the batch before the next step."""
-        request = _Request(plan, asyncio.get_running_loop())
+        request = _Request(plan, handoff_for(asyncio.get_running_loop()))
         self._enqueue(request)
         try:
             while True:

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from mlx_serve.apis.body import read_body
 from mlx_serve.apis.context import limits, registry
+from mlx_serve.apis.corked import CorkedStreamResponse
 from mlx_serve.apis.errors import classify, error_body
 from mlx_serve.apis.generation import open_generation
-from mlx_serve.apis.paced import PacedStreamResponse
 from mlx_serve.engines.types import Event, Finished
 
 from .protocol import CountTokensBody, MessagesBody, check_limits
@@ -51,7 +51,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request: web.Request, model_id: str, events: AsyncIterator[Event]) -> web.StreamResponse:
-    response = PacedStreamResponse(headers=SSE_HEADERS)
+    response = CorkedStreamResponse(headers=SSE_HEADERS)
     encoder = StreamEncoder(model_id, new_message_id())
     async with aclosing(events):  # type: ignore[type-var]
         await response.prepare(request)

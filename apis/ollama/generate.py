@@ -17,9 +17,9 @@ from aiohttp import web
 from mlx_serve.apis.body import read_body
 from mlx_serve.apis.context import limits
 from mlx_serve.apis.context import registry as get_registry
+from mlx_serve.apis.corked import CorkedStreamResponse
 from mlx_serve.apis.errors import RequestError, classify
 from mlx_serve.apis.generation import collect, open_generation
-from mlx_serve.apis.paced import PacedStreamResponse
 from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.types import Event, Finished, GenerationRequest
 from mlx_serve.profiles.units import parse_duration
@@ -114,7 +114,7 @@ async def stream(
     events: AsyncIterator[Event],
     timings: Callable[[float], translate.Timings],
 ) -> web.StreamResponse:
-    response = PacedStreamResponse(headers={"Content-Type": NDJSON})
+    response = CorkedStreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
     try:
         async for event in events:
