@@ -193,15 +193,16 @@ def post_by_loop(
     loop through its Handoff; urgent when it holds a receiver's first item or a `last` one. A
     receiver has `.handoff`, `.started` (set here) and `.cancelled` (a threading.Event); when its
     loop is gone (the process is shutting down), it is cancelled so that its producer stops."""
-    by_loop: dict[Handoff, tuple[list[tuple[Any, Any]], list[bool]]] = {}
+    batches: dict[Handoff, list[tuple[Any, Any]]] = {}
+    urgent: set[Handoff] = set()
     for receiver, item in posts:
-        batch, urgent = by_loop.setdefault(receiver.handoff, ([], [False]))
-        batch.append((receiver, item))
-        urgent[0] = urgent[0] or not receiver.started or last(item)
+        batches.setdefault(receiver.handoff, []).append((receiver, item))
+        if not receiver.started or last(item):
+            urgent.add(receiver.handoff)
         receiver.started = True
-    for handoff, (batch, urgent) in by_loop.items():
+    for handoff, batch in batches.items():
         try:
-            handoff.post(deliver, batch, urgent[0])
+            handoff.post(deliver, batch, handoff in urgent)
         except RuntimeError:
             for receiver, _ in batch:
                 receiver.cancelled.set()

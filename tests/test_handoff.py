@@ -90,3 +90,35 @@ async def test_after_a_quiet_tick_the_next_item_wakes_the_loop(monkeypatch: pyte
 async def test_one_handoff_per_loop() -> None:
     loop = asyncio.get_running_loop()
     assert worker.handoff_for(loop) is worker.handoff_for(loop)
+
+
+async def test_post_by_loop_takes_a_receivers_first_and_last_items_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "PACE", 5.0)
+    # A Handoff of its own, not the loop's (handoff_for): its 5 s timer must not outlive the test.
+    handoff = worker.Handoff(asyncio.get_running_loop())
+
+    class Receiver:
+        def __init__(self) -> None:
+            self.handoff, self.started, self.cancelled = handoff, False, threading.Event()
+            self.items: list[str] = []
+
+    def deliver(batch: list[tuple[Receiver, str]]) -> None:
+        for receiver, item in batch:
+            receiver.items.append(item)
+
+    def post(receiver: Receiver, item: str) -> None:
+        worker.post_by_loop([(receiver, item)], deliver, last=lambda item: item == "end")
+
+    one, two = Receiver(), Receiver()
+    await _in_thread(lambda: post(one, "first"))  # the first item of a receiver: at once
+    await asyncio.sleep(0.1)
+    assert one.items == ["first"]
+    await _in_thread(lambda: post(one, "middle"))  # held for the tick (5 s away)...
+    await _in_thread(lambda: post(two, "first"))  # ...until another receiver's first item
+    await asyncio.sleep(0.1)
+    assert (one.items, two.items) == (["first", "middle"], ["first"])
+    await _in_thread(lambda: [post(two, "middle"), post(two, "end")])  # the last item: at once
+    await asyncio.sleep(0.1)
+    assert two.items == ["first", "middle", "end"]
