@@ -144,11 +144,10 @@ async def _generate(request, dialect, model, gen, keep_alive, registry) -> Async
                         log.info("ending a %s stream for %s: drain time is up", dialect, stats.model_id)
                         yield stats.finished
                         return
-                    now = time.monotonic()
                     if isinstance(event, TextDelta | ReasoningDelta | ToolCallEvent):
                         if stats.first_token_at is None:
-                            stats.first_token_at = now
-                        stats.token_times.append(now)
+                            stats.first_token_at = event.at
+                        stats.token_times.append(event.at)
                     elif isinstance(event, Finished):
                         if event.error:  # engine errors may name model files: every dialect sends them
                             event = replace(event, error=redact_home(event.error))
