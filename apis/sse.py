@@ -1,6 +1,7 @@
 """Server-sent events for streaming dialects (OpenAI `data:` lines, Anthropic named events).
 
-Each event is written as it comes; on fast streams the events of one pass of the event loop go out in one socket send (corked.py).
+Each event is written as it comes; what one pass of the event loop writes goes out in one socket
+send (corked.py), so a fast stream's batch of tokens is one packet.
 A client that went away surfaces as ClientGone; handlers stop iterating their events then, and
 closing the event stream cancels the generation (together with aiohttp's handler cancellation).
 """

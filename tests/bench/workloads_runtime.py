@@ -136,8 +136,14 @@ def reloads(bench: Bench) -> None:
                 ok0 = _metric(server, "mlx_serve_config_reloads_total", 'result="success"')
                 loads0 = _metric(server, "mlx_serve_model_loads_total")
 
-                def body(c: int, i: int, model: str = server.spec.model_name, run: int = run) -> dict:
-                    return chat_body(model, texts.story(run * 50 + i, c), s.max_tokens)
+                # Prompts differ between the phases: repeating the first phase's would hand the
+                # second its prompts' KV from the prefix cache (measured: the second phase ran ~8% faster).
+                stream0 = 0 if phase == WITH_RELOADS else RELOAD_STREAMS
+
+                def body(
+                    c: int, i: int, model: str = server.spec.model_name, run: int = run, c0: int = stream0
+                ) -> dict:
+                    return chat_body(model, texts.story(run * 50 + i, c0 + c), s.max_tokens)
 
                 def edit(k: int, run: int = run) -> None:
                     _edit_profile(server, run * 100 + k)
