@@ -88,7 +88,9 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     reloader.listeners.append(lambda result: _follow_metrics(state, metrics_listener, result))
     log.info("mlx-serve %d listening on %s (profile: %s)", os.getpid(), address, state.profile_label)
     app[WARMUP].start(state.profile)  # after the listener: /health answers while libraries import
-    reloader.listeners.append(lambda result: app[WARMUP].start(state.profile) if result == "success" else None)
+    reloader.listeners.append(
+        lambda result: app[WARMUP].start(state.profile) if result == "success" else None
+    )
     registry.preload()
     reloader.start()
 
