@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import llama_cpp
@@ -51,7 +51,7 @@ from .llamacpp_slots import Slot, Slots
 from .ngram_index import NgramIndex
 from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
-from .worker import Handoff, handoff_for, post_by_loop
+from .worker import Receiver, post_by_loop
 
 T = TypeVar("T")
 PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
@@ -62,24 +62,6 @@ log = logging.getLogger("mlx_serve.engines.llama_cpp")
 class _Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
-
-
-@dataclass(eq=False)
-class _Client:
-    """The receiving end of one request: an asyncio queue on its event loop."""
-
-    handoff: Handoff  # to its event loop
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False  # an item was posted (post_by_loop)
-
-    def send(self, item: Any) -> None:  # outside a step (failures; a step's events go through _flush)
-        post_by_loop([(self, item)], _deliver, _last)
-
-
-def _deliver(items: list[tuple[_Client, Any]]) -> None:
-    for client, item in items:
-        client.queue.put_nowait(item)
 
 
 def _last(item: Any) -> bool:
@@ -95,7 +77,7 @@ class _Job:
 class _Sequence:
     """One request in the batch."""
 
-    def __init__(self, prep: dec.Prepared, client: _Client, lookup: PromptLookup | None) -> None:
+    def __init__(self, prep: dec.Prepared, client: Receiver, lookup: PromptLookup | None) -> None:
         self.prep, self.client, self.cancelled = prep, client, client.cancelled
         # With prompt lookup: whether drafting pays for this request, and where drafts come from.
         costs = prep.model.decoder.step_costs
@@ -140,7 +122,7 @@ class BatchScheduler:
         self._active, self._closed, self._steps = False, False, 0  # active: a _run job is queued or running
         self._prefill_rate = 640.0  # prompt tokens per second, measured (a first guess: 64 per step)
         self._tasks: set[asyncio.Future[None]] = set()
-        self._outbox: list[tuple[_Client, Any]] = []  # events of this step, handed over by _flush
+        self._outbox: list[tuple[Receiver, Any]] = []  # events of this step, handed over by _flush
         self._alone = False  # this step decodes one sequence: it may draft, its timing is its own
 
     # ---- the asyncio side --------------------------------------------------------------------
@@ -148,8 +130,13 @@ class BatchScheduler:
     async def stream(self, prepare: Callable[[], dec.Prepared]) -> AsyncIterator[Event]:
         """Events of one request; `prepare` runs on the engine thread (its errors are raised here
         before any event). Closing the iterator cancels the request at the next step."""
-        client = _Client(handoff_for(asyncio.get_running_loop()))
-        self._submit(_Job(lambda: self._admit(prepare, client), lambda exc: client.send(_Failure(exc))))
+        client = Receiver.here()
+        self._submit(
+            _Job(
+                lambda: self._admit(prepare, client),
+                lambda exc: post_by_loop([(client, _Failure(exc))], _last),
+            )
+        )
         try:
             while True:
                 item = await client.queue.get()
@@ -205,7 +192,7 @@ class BatchScheduler:
         """Free the batch; runs on the engine thread before the model is freed."""
         self._closed = True
         for seq in self._seqs:
-            seq.client.send(_Failure(EngineNotLoadedError("the model was unloaded")))
+            post_by_loop([(seq.client, _Failure(EngineNotLoadedError("the model was unloaded")))], _last)
             seq.sampler.close()
         self._seqs.clear()
         self._batch.close()
@@ -243,10 +230,10 @@ class BatchScheduler:
 
     def _flush(self) -> None:
         """Hand this step's events to their event loops: one wake-up per loop."""
-        post_by_loop(self._outbox, _deliver, _last)
+        post_by_loop(self._outbox, _last)
         self._outbox.clear()
 
-    def _admit(self, prepare: Callable[[], dec.Prepared], client: _Client) -> None:
+    def _admit(self, prepare: Callable[[], dec.Prepared], client: Receiver) -> None:
         try:
             prep = prepare()
             if prep.model.llm is not self.llm:

@@ -28,12 +28,11 @@ What this module adds is the serving around it:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -51,7 +50,7 @@ from .mlx_generation import (
     keep_prefix,
 )
 from .types import Event, Finished, Usage
-from .worker import EngineThread, Handoff, handoff_for, post_by_loop
+from .worker import EngineThread, Receiver, post_by_loop
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -95,24 +94,15 @@ def make_scheduler(
     return None
 
 
-@dataclass(eq=False)
-class _Request:
-    """One generation: its plan, and the event loop and queue its events go to."""
+@dataclass(eq=False, kw_only=True)
+class _Request(Receiver):
+    """One generation: its plan, and the queue on its event loop that its events go to."""
 
     plan: DecodePlan
-    handoff: Handoff  # to its event loop
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    started: bool = False  # an event was posted (post_by_loop)
-
-
-def _put_all(posts: list[tuple[_Request, Event]]) -> None:
-    for request, event in posts:
-        request.events.put_nowait(event)
 
 
 def _post(posts: list[tuple[_Request, Event]]) -> None:
-    post_by_loop(posts, _put_all, last=lambda event: isinstance(event, Finished))
+    post_by_loop(posts, last=lambda event: isinstance(event, Finished))
 
 
 def _failed(request: _Request, exc: BaseException) -> tuple[_Request, Event]:
@@ -172,11 +162,11 @@ class BatchScheduler:
     async def stream(self, plan: DecodePlan) -> AsyncIterator[Event]:
         """Queue one request and yield its events, the last one Finished. Closing the iterator
         (or cancelling its consumer) takes the request out of the batch before the next step."""
-        request = _Request(plan, handoff_for(asyncio.get_running_loop()))
+        request = _Request.here(plan=plan)
         self._enqueue(request)
         try:
             while True:
-                event = await request.events.get()
+                event = await request.queue.get()
                 yield event
                 if isinstance(event, Finished):
                     return

@@ -14,7 +14,8 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 Emit = Callable[[Any], None]
@@ -94,6 +95,10 @@ class _Failure:
         self.exc = exc
 
 
+def _ends_stream(item: Any) -> bool:
+    return isinstance(item, (_End, _Failure))
+
+
 class EngineThread:
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -141,18 +146,11 @@ class EngineThread:
         Closing the iterator (or cancelling its consumer) sets `cancelled`; the producer checks
         it between tokens and returns, which frees the thread for the next job.
         """
-        handoff = handoff_for(asyncio.get_running_loop())
-        items: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-        started = False
+        receiver = Receiver.here()
+        cancelled = receiver.cancelled
 
         def emit(item: Any) -> None:
-            nonlocal started
-            urgent, started = not started or isinstance(item, (_End, _Failure)), True
-            try:
-                handoff.post(items.put_nowait, item, urgent)
-            except RuntimeError:  # the loop is gone (process shutting down): stop producing
-                cancelled.set()
+            post_by_loop([(receiver, item)], last=_ends_stream)
 
         def job() -> None:
             try:
@@ -166,7 +164,7 @@ class EngineThread:
         self.submit(job)
         try:
             while True:
-                item = await items.get()
+                item = await receiver.queue.get()
                 if isinstance(item, _End):
                     return
                 if isinstance(item, _Failure):
@@ -184,16 +182,26 @@ class EngineThread:
             self._thread.join(timeout)
 
 
-def post_by_loop(
-    posts: list[tuple[Any, Any]],
-    deliver: Callable[[list[tuple[Any, Any]]], None],
-    last: Callable[[Any], bool],
-) -> None:
-    """Hand (receiver, item) pairs to their receivers' event loops with `deliver`, one batch per
-    loop through its Handoff; urgent when it holds a receiver's first item or a `last` one. A
-    receiver has `.handoff`, `.started` (set here) and `.cancelled` (a threading.Event); when its
-    loop is gone (the process is shutting down), it is cancelled so that its producer stops."""
-    batches: dict[Handoff, list[tuple[Any, Any]]] = {}
+@dataclass(eq=False)
+class Receiver:
+    """The receiving end of one stream: an asyncio queue on its event loop, fed through the
+    loop's Handoff by post_by_loop. Create it on that loop (Receiver.here())."""
+
+    handoff: Handoff
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the consumer left
+    started: bool = False  # an item was posted
+
+    @classmethod
+    def here(cls, **fields: Any) -> Self:
+        return cls(handoff_for(asyncio.get_running_loop()), **fields)
+
+
+def post_by_loop(posts: list[tuple[Receiver, Any]], last: Callable[[Any], bool]) -> None:
+    """Put each (receiver, item) in the receiver's queue on its event loop: one post per loop to
+    its Handoff, urgent when it holds a receiver's first item or a `last` one. When a loop is gone
+    (the process is shutting down), its receivers are cancelled so that their producers stop."""
+    batches: dict[Handoff, list[tuple[Receiver, Any]]] = {}
     urgent: set[Handoff] = set()
     for receiver, item in posts:
         batches.setdefault(receiver.handoff, []).append((receiver, item))
@@ -202,7 +210,12 @@ def post_by_loop(
         receiver.started = True
     for handoff, batch in batches.items():
         try:
-            handoff.post(deliver, batch, handoff in urgent)
+            handoff.post(_put_in_queues, batch, handoff in urgent)
         except RuntimeError:
             for receiver, _ in batch:
                 receiver.cancelled.set()
+
+
+def _put_in_queues(batch: list[tuple[Receiver, Any]]) -> None:
+    for receiver, item in batch:
+        receiver.queue.put_nowait(item)

@@ -99,26 +99,23 @@ async def test_post_by_loop_takes_a_receivers_first_and_last_items_at_once(
     # A Handoff of its own, not the loop's (handoff_for): its 5 s timer must not outlive the test.
     handoff = worker.Handoff(asyncio.get_running_loop())
 
-    class Receiver:
-        def __init__(self) -> None:
-            self.handoff, self.started, self.cancelled = handoff, False, threading.Event()
-            self.items: list[str] = []
+    def post(receiver: worker.Receiver, item: str) -> None:
+        worker.post_by_loop([(receiver, item)], last=lambda item: item == "end")
 
-    def deliver(batch: list[tuple[Receiver, str]]) -> None:
-        for receiver, item in batch:
-            receiver.items.append(item)
+    def received(receiver: worker.Receiver) -> list[str]:
+        items = []
+        while not receiver.queue.empty():
+            items.append(receiver.queue.get_nowait())
+        return items
 
-    def post(receiver: Receiver, item: str) -> None:
-        worker.post_by_loop([(receiver, item)], deliver, last=lambda item: item == "end")
-
-    one, two = Receiver(), Receiver()
+    one, two = worker.Receiver(handoff), worker.Receiver(handoff)
     await _in_thread(lambda: post(one, "first"))  # the first item of a receiver: at once
     await asyncio.sleep(0.1)
-    assert one.items == ["first"]
+    assert received(one) == ["first"]
     await _in_thread(lambda: post(one, "middle"))  # held for the tick (5 s away)...
     await _in_thread(lambda: post(two, "first"))  # ...until another receiver's first item
     await asyncio.sleep(0.1)
-    assert (one.items, two.items) == (["first", "middle"], ["first"])
+    assert (received(one), received(two)) == (["middle"], ["first"])
     await _in_thread(lambda: [post(two, "middle"), post(two, "end")])  # the last item: at once
     await asyncio.sleep(0.1)
-    assert two.items == ["first", "middle", "end"]
+    assert received(two) == ["middle", "end"]
