@@ -51,7 +51,7 @@ from .llamacpp_slots import Slot, Slots
 from .ngram_index import NgramIndex
 from .speculation_gate import SpeculationGate, shadow_check
 from .types import Event, Finished
-from .worker import Receiver, post_by_loop
+from .worker import Failure, Receiver, post_by_loop
 
 T = TypeVar("T")
 PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
@@ -59,13 +59,8 @@ MIN_CHUNK = 16  # prompt tokens per step at least, however slow the machine
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 
 
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 def _last(item: Any) -> bool:
-    return isinstance(item, (Finished, _Failure))
+    return isinstance(item, (Finished, Failure))
 
 
 @dataclass(frozen=True)
@@ -134,13 +129,13 @@ class BatchScheduler:
         self._submit(
             _Job(
                 lambda: self._admit(prepare, client),
-                lambda exc: post_by_loop([(client, _Failure(exc))], _last),
+                lambda exc: post_by_loop([(client, Failure(exc))], _last),
             )
         )
         try:
             while True:
                 item = await client.queue.get()
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.exc
                 yield item
                 if isinstance(item, Finished):
@@ -192,7 +187,7 @@ class BatchScheduler:
         """Free the batch; runs on the engine thread before the model is freed."""
         self._closed = True
         for seq in self._seqs:
-            post_by_loop([(seq.client, _Failure(EngineNotLoadedError("the model was unloaded")))], _last)
+            post_by_loop([(seq.client, Failure(EngineNotLoadedError("the model was unloaded")))], _last)
             seq.sampler.close()
         self._seqs.clear()
         self._batch.close()
@@ -223,7 +218,7 @@ class BatchScheduler:
                 log.exception("llama.cpp batch step failed")
                 for seq in self._seqs:
                     if seq.slot is not None:
-                        self._release(seq, _Failure(exc))
+                        self._release(seq, Failure(exc))
                 self._slots.forget_all()
             self._seqs = [seq for seq in self._seqs if not seq.left]
             self._flush()
@@ -240,7 +235,7 @@ class BatchScheduler:
                 raise EngineNotLoadedError("the model was reloaded")
             self._seqs.append(_Sequence(prep, client, self._lookup))
         except BaseException as exc:
-            self._outbox.append((client, _Failure(exc)))
+            self._outbox.append((client, Failure(exc)))
 
     def _take_slot(self, seq: _Sequence) -> bool:
         """Seat `seq` in a free slot (llamacpp_slots.py chooses it); False when all are busy."""
@@ -250,7 +245,7 @@ class BatchScheduler:
         seq.slot, seq.cached, seq.fed = slot, len(slot.cached), len(slot.cached)
         return True
 
-    def _release(self, seq: _Sequence, failure: _Failure | None = None) -> None:
+    def _release(self, seq: _Sequence, failure: Failure | None = None) -> None:
         """Take `seq` out of the batch (after a failure: with the KV of its slot)."""
         if failure is not None:
             self._outbox.append((seq.client, failure))
@@ -302,7 +297,7 @@ class BatchScheduler:
                 try:
                     self._sample(seq)
                 except Exception as exc:  # e.g. the JSON grammar rejected a token: this request only
-                    self._release(seq, _Failure(exc))
+                    self._release(seq, Failure(exc))
 
     def _draft(self, seq: _Sequence) -> tuple[list[int], list[int]]:
         """(what prompt lookup proposes, what the step drafts): the gate sees every proposal,

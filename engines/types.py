@@ -105,30 +105,26 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-def _produced_at() -> float:
-    """When an event was made (time.monotonic). Fast streams reach the server in batches
-    (worker.Handoff), so metrics time tokens by this, not by their arrival."""
-    return time.monotonic()
-
-
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
-    at: float = field(default_factory=_produced_at, compare=False, repr=False)
+    # When the engine made it (time.monotonic): fast streams reach the server in batches
+    # (worker.Handoff), so metrics time tokens by this, not by their arrival. Also below.
+    at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class ReasoningDelta:
     text: str
-    at: float = field(default_factory=_produced_at, compare=False, repr=False)
+    at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
 class ToolCallEvent:
     call: ToolCall
     index: int = 0
-    at: float = field(default_factory=_produced_at, compare=False, repr=False)
+    at: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -90,13 +90,15 @@ class _End:
     pass
 
 
-class _Failure:
+class Failure:
+    """An error for a stream's consumer to raise, handed over like its events."""
+
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
 def _ends_stream(item: Any) -> bool:
-    return isinstance(item, (_End, _Failure))
+    return isinstance(item, (_End, Failure))
 
 
 class EngineThread:
@@ -157,7 +159,7 @@ class EngineThread:
                 if not cancelled.is_set():
                     producer(emit, cancelled)
             except BaseException as exc:
-                emit(_Failure(exc))
+                emit(Failure(exc))
             finally:
                 emit(_End())
 
@@ -167,7 +169,7 @@ class EngineThread:
                 item = await receiver.queue.get()
                 if isinstance(item, _End):
                     return
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.exc
                 yield item
         finally:
