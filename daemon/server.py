@@ -66,7 +66,7 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     add_admin_routes(app, state, reloader)
     runner = web.AppRunner(
         app,
-        handler_cancellation=True,  # a client that goes away stops its generation (DESIGN §4)
+        handler_cancellation=True,  # a client that goes away stops its generation (ARCHITECTURE.md "Verified facts")
         # aiohttp waits this long for handlers, then cancels them and waits again; generations end
         # themselves at 85% of it (registry.begin_drain), so the drain stays within drain_timeout,
         # which launchd's ExitTimeOut and systemd's TimeoutStopSec are sized against.

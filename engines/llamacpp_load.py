@@ -210,7 +210,7 @@ def _parse(data: mmap.mmap, version: int, n_tensors: int, n_kv: int, file_size: 
 
 
 def physical_cores() -> int:
-    """Physical (performance) cores: llama.cpp's defaults are wrong on small machines (DESIGN §4)."""
+    """Physical (performance) cores: llama.cpp's defaults are wrong on small machines (ARCHITECTURE.md "Verified facts")."""
     if sys.platform == "darwin":
         for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
             try:
@@ -373,13 +373,13 @@ def sequences(spec: ModelSpec) -> int:
 
 
 def use_sequences(llm: llama_cpp.Llama, n_seq: int) -> None:
-    """Replace the Llama's context with one that decodes `n_seq` sequences together (DESIGN §4:
+    """Replace the Llama's context with one that decodes `n_seq` sequences together (ARCHITECTURE.md "Verified facts":
     `Llama` does not expose n_seq_max), with the same settings (threads, KV type, flash attention,
     batch) and n_seq times the profile's context as `n_seq` separate KV streams (`kv_unified =
     False`): llama.cpp gives each sequence n_ctx / n_seq_max cells (llama_n_ctx_seq, padded to 256),
     so every request, capped at the profile's context, has its own full context.
 
-    Not DESIGN's unified cache: with one unified buffer every token attends over the cells of all
+    Not the unified cache first measured: with one unified buffer every token attends over the cells of all
     sequences (masked), so cost grows with N times the total context, and the prefix caches idle
     slots keep slow every step. Measured here on SmolLM2 (CPU time per token, 1 thread): batch 8
     with 600-token contexts 1.7x cheaper split; batch 1 beside idle caches 37% cheaper split;

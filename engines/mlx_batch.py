@@ -8,7 +8,7 @@ and one set of stop tokens per sequence, joins and drops sequences between steps
 What this module adds is the serving around it:
 
 - Requests arrive on the event loop (`BatchScheduler.stream`) into a thread-safe queue. The first one
-  starts the batch loop as ONE job on the engine thread (MLX is thread-bound, DESIGN §4); it takes
+  starts the batch loop as ONE job on the engine thread (MLX is thread-bound, ARCHITECTURE.md "Verified facts"); it takes
   new requests from the queue between steps and returns when no request is left, so other engine
   jobs (unload, embeddings) run in between busy periods. A lock makes "queue empty, so stop" and
   "loop not running, so start it" one decision each: no request is ever stranded.

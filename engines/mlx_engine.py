@@ -1,7 +1,7 @@
 """The MLX engine: mlx-lm models behind the Engine protocol.
 
 All MLX work (load, generation, embeddings, unload) runs on the engine's own EngineThread
-(DESIGN §4: MLX streams are thread-local). Prompts are built and tokenized on the event loop's
+(ARCHITECTURE.md "Verified facts": MLX streams are thread-local). Prompts are built and tokenized on the event loop's
 side (in a worker thread, under a lock shared with the engine thread, because Hugging Face
 tokenizers are not safe to use from two threads at once), so a prompt that does not fit is
 rejected at once instead of after the requests queued ahead of it.

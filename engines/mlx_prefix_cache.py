@@ -7,7 +7,7 @@ copy is a view whose first write reallocates, see `_view`), so the requests that
 one after another or together in a batch, cannot corrupt it. Several entries per model, least
 recently used out first, bounded in bytes (the caches' own nbytes, allocation padding included).
 
-Engine thread only (DESIGN §4), except `nbytes`, which memory_breakdown() reads from anywhere.
+Engine thread only (ARCHITECTURE.md "Verified facts"), except `nbytes`, which memory_breakdown() reads from anywhere.
 
 Why not mlx-lm's own `LRUPromptCache` (mlx_lm.models.cache): it deep-copies the whole entry on
 every hit, returns an empty remainder on an exact hit (generate_step needs at least one token), has

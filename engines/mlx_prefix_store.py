@@ -3,7 +3,7 @@
 Saved when the model unloads (the registry unloads every model on a graceful shutdown, and before
 reloading an edited one), loaded back when it loads, in the model's folder (prefix_disk.py). One
 safetensors file per entry (mlx-lm's save_prompt_cache), its tokens in the metadata, oldest
-first so the LRU order survives. Engine thread only (DESIGN §4).
+first so the LRU order survives. Engine thread only (ARCHITECTURE.md "Verified facts").
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ previous one is read (mlx-lm's generate_step pipelines the same way), so a pause
 decoding nothing.
 
 `prompt_lookup_generate_step` mirrors mlx-lm's `speculative_generate_step`: it yields
-`(token, logprobs, from_draft)` and must run on the thread that owns the model (DESIGN §4).
+`(token, logprobs, from_draft)` and must run on the thread that owns the model (ARCHITECTURE.md "Verified facts").
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ local file or folder, or a Hugging Face repo id (`org/name`, `org/name/FILE.gguf
 cache, engines/hub.py).
 
 For the MLX engine the result is then made loadable and cached (engines/cache.py):
-- a GGUF source is converted to an MLX folder (DESIGN §5; engines/gguf_to_mlx.py);
+- a GGUF source is converted to an MLX folder (ARCHITECTURE.md "Test models"; engines/gguf_to_mlx.py);
 - `quantize = "q4" | "q8" | "mixed_4_6" | "mixed_3_6"` (with `group_size`, default 64) quantizes a
   full-precision model with mlx-lm's own conversion (`mlx_lm.convert.convert`), on first load.
 Cache keys hash the source's fingerprint (its resolved path, which for a hub model holds the commit,
@@ -219,7 +219,7 @@ def model_cache_entries(model_id: str, spec: ModelSpec) -> list[Path]:
 
 def prepare(model_id: str, spec: ModelSpec, refresh: bool = False) -> Path:
     """Everything a load needs, on disk: download (refresh=True re-checks a hub branch), convert, quantize.
-    Returns what the engine will open. MLX work runs on the calling thread (DESIGN §4)."""
+    Returns what the engine will open. MLX work runs on the calling thread (ARCHITECTURE.md "Verified facts")."""
     if is_hub_source(spec.source):
         from .hub import fetch_repo
 

@@ -1,6 +1,6 @@
 """One long-lived thread per engine, bridged to asyncio.
 
-MLX streams are thread-local (DESIGN §4): load, generate and unload must all run on the same
+MLX streams are thread-local (ARCHITECTURE.md "Verified facts"): load, generate and unload must all run on the same
 thread, so every engine call goes through its EngineThread. llama.cpp contexts are not thread-safe
 either, so the llama.cpp engine uses the same bridge. Jobs run one at a time in FIFO order.
 """

@@ -3,7 +3,7 @@
 Command builders are pure (so `--dry-run` can print exactly what would run); `run` executes one
 command, and the status readers parse `launchctl print` / `systemctl show`. launchd is only ever
 driven with the modern verbs (`bootstrap`, `bootout`, `kickstart`, `print`, `enable`): the legacy
-`load` returns 0 even when it fails (DESIGN §4).
+`load` returns 0 even when it fails (ARCHITECTURE.md "Verified facts").
 """
 
 from __future__ import annotations

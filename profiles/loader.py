@@ -2,7 +2,7 @@
 
 Every problem is reported as `file:line: dotted.key: message`, one per line, so a user can jump
 straight to it. A missing file is an error, never an empty profile (pydantic-settings' TOML source
-would treat it as empty, see DESIGN §4).
+would treat it as empty, see ARCHITECTURE.md "Verified facts").
 """
 
 from __future__ import annotations

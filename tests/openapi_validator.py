@@ -1,9 +1,9 @@
 """Validate response bodies and stream chunks against the official OpenAI OpenAPI description.
 
-The spec (`../shared/reference/openai-openapi.json`, or $MLX_SERVE_OPENAI_SPEC) is OpenAPI 3.1 but
+The spec (`tests/reference/openai-openapi.json`, vendored with its MIT license; or $MLX_SERVE_OPENAI_SPEC) is OpenAPI 3.1 but
 still marks some fields with the 3.0 keyword `nullable: true`, which JSON Schema ignores. We honour
 it (a schema with `nullable: true` also accepts null): that is how the spec lets stream chunks carry
-`finish_reason: null` before the last one (see the reference NOTES). The legacy completions stream
+`finish_reason: null` before the last one (see tests/reference/README.md). The legacy completions stream
 reuses `CreateCompletionResponse`, whose `finish_reason` is not marked nullable although the API
 sends null on every chunk but the last; `stream=True` allows null there too. Everything else is
 validated as written.
@@ -27,11 +27,7 @@ from jsonschema import Draft202012Validator
 
 def spec_path() -> Path:
     env = os.environ.get("MLX_SERVE_OPENAI_SPEC")
-    return (
-        Path(env)
-        if env
-        else Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.json"
-    )
+    return Path(env) if env else Path(__file__).resolve().parent / "reference" / "openai-openapi.json"
 
 
 def _honour_nullable(node: Any) -> Any:

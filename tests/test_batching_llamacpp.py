@@ -323,7 +323,7 @@ async def test_reload_and_embeddings_unaffected(tiny_gguf: Path) -> None:
 
 
 def _raw_tok_s(llm: Llama, contexts: dict, prompts: list[list[int]], max_tokens: int, unified: bool) -> float:
-    """DESIGN §4's raw figure: one context with n_seq_max = n (unified KV as DESIGN measured, or a
+    """the unified-KV raw figure (ARCHITECTURE.md "Verified facts"): one context with n_seq_max = n (unified KV as first measured, or a
     stream per sequence as the engine uses; kept across runs), one llama_decode per step for all n
     sequences, greedy (argmax), prefill included."""
     n, nv = len(prompts), llm.n_vocab()
@@ -353,8 +353,8 @@ def _raw_tok_s(llm: Llama, contexts: dict, prompts: list[list[int]], max_tokens:
 @pytest.mark.slow
 async def test_throughput_against_raw_llama_cpp(smollm2_gguf: Path) -> None:
     """Aggregate tok/s at batch 1/2/4/8 on SmolLM2: the engine next to the raw batched loop, unified
-    KV (DESIGN's figure) and split (the engine's layout), interleaved in the same run (median of 3
-    pairs: this machine is shared); short prompts. Printed, not asserted (DESIGN §7)."""
+    KV (the first measured figure) and split (the engine's layout), interleaved in the same run (median of 3
+    pairs: this machine is shared); short prompts. Printed, not asserted (ARCHITECTURE.md "Conventions")."""
     threads, max_tokens = physical_cores(), 64
     texts = [f"Story number {i}: once upon a time, in a land far away," for i in range(8)]
     rounds = iter(range(1000))  # a new prompt prefix each round: no prefix reuse, like the raw loop
@@ -371,7 +371,7 @@ async def test_throughput_against_raw_llama_cpp(smollm2_gguf: Path) -> None:
 
     try:
         print(
-            "\nbatch | raw unified | raw split | engine tok/s | engine/unified | engine/split  (DESIGN: 135, 205 at 8)"
+            "\nbatch | raw unified | raw split | engine tok/s | engine/unified | engine/split  (first measured: 135, 205 at 8)"
         )
         for n in (1, 2, 4, 8):
             prompts = [llm.tokenize(t.encode(), add_bos=True) for t in texts[:n]]

@@ -344,7 +344,7 @@ async def test_unload_waits_for_batch(tiny_mlx: Path) -> None:
     await asyncio.wait_for(engine.unload(), 10)  # an idle batch loop does not hold the thread
 
 
-# -- throughput (printed, not asserted: DESIGN §7) -------------------------------------------
+# -- throughput (printed, not asserted: ARCHITECTURE.md "Conventions") -------------------------------------------
 
 
 def decode_rate(token_times: Sequence[Sequence[float]]) -> float:

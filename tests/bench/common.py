@@ -121,7 +121,7 @@ class Figure:
 
 
 def physical_cores() -> int:
-    """Physical cores (llama.cpp's right thread count, DESIGN §4); the CPU count when unknown."""
+    """Physical cores (llama.cpp's right thread count, ARCHITECTURE.md "Verified facts"); the CPU count when unknown."""
     try:
         pairs = set()
         core = phys = None

@@ -1,4 +1,4 @@
-"""SmolLM2 with fill-in-the-middle tokens, for the editor workloads (DESIGN §5: SmolLM2 has none).
+"""SmolLM2 with fill-in-the-middle tokens, for the editor workloads (ARCHITECTURE.md "Test models": SmolLM2 has none).
 
 The real SmolLM2 GGUF with three unused special tokens renamed to StarCoder's `<fim_prefix>`,
 `<fim_suffix>`, `<fim_middle>` (ids 12-14, the `<jupyter_text|code|output>` tokens): same weights,

@@ -1,10 +1,10 @@
 """The engines in-process, with no server around them: the ceiling each server is measured against.
 
 - llama.cpp through llama-cpp-python's low-level C API: one context per batch size, a greedy loop;
-  for N sequences, a context with n_seq_max=N and one llama_decode per step for all N (DESIGN §4:
+  for N sequences, a context with n_seq_max=N and one llama_decode per step for all N (ARCHITECTURE.md "Verified facts":
   `Llama` cannot do this). Its KV cache is split, one stream per sequence (`kv_unified = False`),
   as mlx-serve's engine does (engines/llamacpp_load.use_sequences), so batch-N ratios compare like
-  with like; `kv_unified=True` gives DESIGN §4's unified cache, reported as an extra row. Flash
+  with like; `kv_unified=True` gives the unified-KV unified cache (ARCHITECTURE.md "Verified facts"), reported as an extra row. Flash
   attention is as the engine has it by default (engines/llamacpp_load.flash_attention: off on
   CPU, where it speeds short contexts and slows long ones), not llama.cpp's "auto".
 - MLX through mlx-lm: generate_step for one sequence, BatchGenerator (the model's forward on a batch
@@ -12,7 +12,7 @@
 
 Both take chat-formatted token ids and return one StreamResult per sequence, timed from the call as
 a client would time a request (ttft = prefill + first token). Greedy decoding, stopping at the
-model's end-of-generation tokens like a server would. MLX is thread-bound (DESIGN §4): create,
+model's end-of-generation tokens like a server would. MLX is thread-bound (ARCHITECTURE.md "Verified facts"): create,
 use and close an MlxRaw on one thread.
 """
 

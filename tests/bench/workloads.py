@@ -123,7 +123,7 @@ class Bench:
 
     def raw(self, family: Family, kv_unified: bool = False) -> RawEngine:
         """The family's engine in-process; llama.cpp's with a split KV cache and flash attention as
-        mlx-serve's engine has them, unless kv_unified (DESIGN §4's unified cache, an extra row)."""
+        mlx-serve's engine has them, unless kv_unified (the unified-KV unified cache (ARCHITECTURE.md "Verified facts"), an extra row)."""
         key = f"{family.key}{' unified' if kv_unified else ''}"
         if key not in self._raw:
             self.log(f"  loading {key} in-process")
