@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,18 +30,33 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
-def _depth(value: Any, limit: int) -> int:
-    depth, stack = 0, [(value, 1)]
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_tree(value: Any, max_depth: int) -> None:
+    """Nesting depth and text: JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate, which
+    no UTF-8 text (a tokenizer, a log line, a reply) can hold; refuse it here, naming the field."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
     while stack:
-        node, level = stack.pop()
-        depth = max(depth, level)
-        if depth > limit:
-            return depth
+        node, level, path = stack.pop()
+        if level > max_depth:
+            raise RequestError(f"request JSON is nested deeper than {max_depth} levels")
         if isinstance(node, dict):
-            stack.extend((v, level + 1) for v in node.values())
+            for key, item in node.items():
+                child = f"{path}.{key}" if path else key
+                if _LONE_SURROGATE.search(key):
+                    raise RequestError(f"{path or 'body'}: a key is not valid Unicode (lone surrogate)")
+                stack.append((item, level + 1, child))
         elif isinstance(node, list):
-            stack.extend((v, level + 1) for v in node)
-    return depth
+            stack.extend(
+                (item, level + 1, f"{path}[{i}]")
+                for i, item in enumerate(node)
+                if isinstance(item, str | dict | list)  # token-id arrays can be long: skip numbers
+            )
+        elif isinstance(node, str) and _LONE_SURROGATE.search(node):
+            raise RequestError(
+                f"{path}: not valid Unicode (a lone surrogate such as \\ud800 has no UTF-8 form)", path
+            )
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -53,9 +69,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise RequestError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError("request body must be a JSON object")
-    max_depth = limits(request).max_json_depth
-    if _depth(data, max_depth) > max_depth:
-        raise RequestError(f"request JSON is nested deeper than {max_depth} levels")
+    _check_tree(data, limits(request).max_json_depth)
     return data
 
 

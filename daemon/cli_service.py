@@ -19,6 +19,7 @@ from mlx_serve.launchd.logrotate import LOG_NAME, STDERR_NAME, STDOUT_NAME
 from mlx_serve.launchd.plist import LABEL, build_spec
 from mlx_serve.profiles.loader import DEFAULT_PROFILE_PATH, ProfileError, load_profile
 from mlx_serve.profiles.schema import Server
+from mlx_serve.profiles.starter import starter_text
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -89,9 +90,24 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def _starter_profile(path: Path, dry_run: bool) -> None:
+    """A service needs a file to serve (and the user one to edit): `serve` runs the embedded
+    default when there is none, so the service gets the starter profile, which serves the same
+    model, written where the daemon looks by default."""
+    if dry_run:
+        print(f"# would write the starter profile to {path} (there is none yet)")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_text())
+    print(f"no profile at {path}: wrote the starter profile there (SmolLM2, like the embedded default)")
+    print("edit it any time: the service applies saved changes live")
+
+
 def _install(args: argparse.Namespace) -> int:
     manager = svc.get_manager(args.manager)
     profile = Path(args.profile).expanduser() if args.profile else DEFAULT_PROFILE_PATH
+    if not args.profile and not profile.exists():
+        _starter_profile(profile, args.dry_run)
     drain = Server().drain_timeout
     if profile.is_file():
         try:  # the service's environment, not this shell's, applies: read the file without env overrides
@@ -103,7 +119,13 @@ def _install(args: argparse.Namespace) -> int:
             )
             for problem in exc.problems:
                 print(f"  {problem}", file=sys.stderr)
-    spec = build_spec(profile, drain, extra_env=_parse_env(args.env), homebrew=manager.name == "launchd")
+    spec = build_spec(
+        profile,
+        drain,
+        extra_env=_parse_env(args.env),
+        homebrew=manager.name == "launchd",
+        must_exist=not args.dry_run or bool(args.profile),
+    )
     svc.install(manager, spec, dry_run=args.dry_run)
     if args.dry_run:
         print("# dry run: nothing was written and no command was run")

@@ -2,7 +2,10 @@
 
 Editors save in many ways (write in place, truncate then write, temp file + rename, vim's `4913`
 probe, delete then recreate), so the directory is watched, events are filtered by file name and
-debounced, and an empty or missing file is a save in progress, not an empty profile.
+debounced, and an empty or missing file is a save in progress, not an empty profile. A profile
+that is a symlink (dotfiles repos) is followed: every folder along the link chain is watched, and
+the chain is resolved again after each event, so editing the target or re-pointing the link both
+reload.
 Reload = read bytes -> same hash? skip -> parse + validate -> on error keep the old profile and
 report -> diff -> apply per model.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -27,16 +31,39 @@ log = logging.getLogger("mlx_serve.reloader")
 DEBOUNCE_SECONDS = 0.25
 
 
+MAX_LINK_HOPS = 40  # the kernel's own limit on a symlink chain
+
+
+def link_chain(path: Path) -> list[Path]:
+    """`path`, then each file its symlinks point to, in order (the last one holds the bytes)."""
+    chain = [path]
+    while chain[-1].is_symlink() and len(chain) <= MAX_LINK_HOPS:
+        target = Path(os.readlink(chain[-1]))
+        chain.append(target if target.is_absolute() else chain[-1].parent / target)
+        if chain[-1] in chain[:-1]:  # a loop: nothing more to follow
+            break
+    return chain
+
+
+def watched_names(path: Path) -> dict[str, frozenset[str]]:
+    """The folders to watch for this profile, each with the file names in it that matter."""
+    folders: dict[str, set[str]] = {}
+    for hop in link_chain(path):
+        if hop.parent.is_dir():
+            folders.setdefault(str(hop.parent), set()).add(hop.name)
+    return {folder: frozenset(names) for folder, names in folders.items()}
+
+
 class _DirectoryHandler(FileSystemEventHandler):
-    def __init__(self, name: str, notify) -> None:
-        self._name = name
+    def __init__(self, names: frozenset[str], notify) -> None:
+        self._names = names
         self._notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):  # our own reads: not a change
             return
         paths = [event.src_path, getattr(event, "dest_path", "")]
-        if any(Path(str(p)).name == self._name for p in paths if p):
+        if any(Path(str(p)).name in self._names for p in paths if p):
             self._notify()
 
 
@@ -45,6 +72,7 @@ class Reloader:
         self._state = state
         self._registry = registry
         self._observer: Observer | None = None
+        self._watching: dict[str, frozenset[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
@@ -63,12 +91,22 @@ class Reloader:
             log.info("not watching for profile changes: %s does not exist", path.parent if path else "-")
             return
         self._observer = Observer()
-        self._observer.schedule(
-            _DirectoryHandler(path.name, self.request_reload_threadsafe), str(path.parent)
-        )
         self._observer.daemon = True
+        self._follow_links()
         self._observer.start()
         log.info("watching %s for changes", path)
+
+    def _follow_links(self) -> None:
+        """(Re)schedule the watches when the symlink chain to the profile has changed."""
+        wanted = watched_names(self.path) if self.path is not None else {}
+        if self._observer is None or wanted == self._watching:
+            return
+        self._observer.unschedule_all()
+        for folder, names in wanted.items():
+            self._observer.schedule(_DirectoryHandler(names, self.request_reload_threadsafe), folder)
+        if self._watching:
+            log.info("the profile's symlinks changed: now watching %s", ", ".join(sorted(wanted)))
+        self._watching = wanted
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -90,6 +128,7 @@ class Reloader:
 
     async def reload(self) -> str:
         async with self._lock:
+            self._follow_links()
             result = self._reload_once()
         self._state.reloads[result] = self._state.reloads.get(result, 0) + 1
         for listener in self.listeners:

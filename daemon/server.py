@@ -14,8 +14,8 @@ import signal
 
 from aiohttp import web
 
-from mlx_serve.profiles.loader import ProfileError, load_profile
-from mlx_serve.profiles.schema import Profile
+from mlx_serve.profiles.loader import ProfileError, load_profile, server_of_invalid
+from mlx_serve.profiles.schema import Profile, Server
 
 from .admin import add_admin_routes
 from .app import WARMUP, create_app, create_metrics_app
@@ -34,12 +34,13 @@ def run(profile_path: str | None, *, host: str | None = None, port: int | None =
     state = DaemonState(profile_path=profile_path)
     try:
         state.set_profile(load_profile(profile_path))
+        server = state.profile.server
     except ProfileError as exc:
         state.set_profile_errors(exc.problems)
         for problem in exc.problems:
             log.error("profile: %s", problem)
+        server = _server_despite(profile_path)
         log.error("starting without models; fix the profile and it is applied automatically")
-    server = state.profile.server if state.profile else None
     address = Address(
         host or (server.host if server else "127.0.0.1"),
         port if port is not None else (server.port if server else DEFAULT_PORT),
@@ -118,6 +119,16 @@ async def _serve(state: DaemonState, address: Address, pinned: bool) -> int:
     await registry.shutdown()
     log.info("stopped")
     return 0
+
+
+def _server_despite(profile_path: str | None) -> Server | None:
+    """Where to listen while the profile is invalid: its own [server] table if that is valid."""
+    server = server_of_invalid(profile_path)
+    if server is None:
+        log.error("the profile's [server] table is invalid too: listening on the defaults")
+    else:
+        log.warning("listening where the profile's [server] table says, although the profile is invalid")
+    return server
 
 
 def _follow_address(state: DaemonState, listener: Listener, result: str) -> None:

@@ -79,6 +79,14 @@ log = logging.getLogger("mlx_serve.engines.constrained")
 # forever, the classic failure of unbounded JSON whitespace under constrained decoding.
 WHITESPACE_PATTERN = r"(\r?\n)?[ \t]{0,48}"
 ANY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+# An unbounded integer lets a small model write digits until max_tokens ("population": 1111...),
+# and the reply is not JSON. Like llama.cpp's grammars, bound what the schema leaves open to what
+# a 64-bit integer holds: 18 digits, since llguidance computes ranges in f64 and cannot compile
+# the exact int64 limits (2**63 - 1 rounds up past them). Numbers get the same integral range and
+# at most 9 decimals (llguidance's multipleOf), or the model could loop on fraction digits instead.
+INT_BOUND_MIN, INT_BOUND_MAX = -(10**18 - 1), 10**18 - 1
+NUMBER_STEP = 1e-9
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # values, not schemas: left as they are
 
 
 # ---- grammars ----------------------------------------------------------------------------------
@@ -110,7 +118,7 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         raise UnsupportedRequestError(f"unsupported response_format type {kind!r}")
     try:
         grammar = LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_pattern": WHITESPACE_PATTERN}
+            bounded_numbers(schema), defaults={"whitespace_pattern": WHITESPACE_PATTERN}
         )
     except (ValueError, TypeError) as exc:
         raise UnsupportedRequestError(f"response_format schema is not valid: {exc}") from exc
@@ -121,6 +129,25 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     for message in messages:
         log.debug("response_format schema warning: %s", message)
     return grammar
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """A copy of `schema` where every integer or number without a bound gets the 64-bit one."""
+    if isinstance(schema, list):
+        return [bounded_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else bounded_numbers(v) for k, v in schema.items()}
+    kinds = out.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    if "integer" in kinds or "number" in kinds:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = INT_BOUND_MIN
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INT_BOUND_MAX
+    if "number" in kinds and "multipleOf" not in out:
+        out["multipleOf"] = NUMBER_STEP
+    return out
 
 
 # ---- tokenizer adapters (cached per tokenizer / model object) ----------------------------------

@@ -74,9 +74,10 @@ def build_spec(
     *,
     extra_env: dict[str, str] | None = None,
     homebrew: bool = True,
+    must_exist: bool = True,
 ) -> ServiceSpec:
     profile_path = Path(profile).expanduser().absolute()
-    if not profile_path.is_file():
+    if must_exist and not profile_path.is_file():
         raise ServiceError(
             f"profile {profile_path} does not exist: create it with `mlx-serve config init` or pass --profile"
         )

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from .env import env_overrides
 from .locate import locate_key
-from .schema import Defaults, Profile, ProfileRuleErrors
+from .schema import Defaults, Profile, ProfileRuleErrors, Server
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")
 DEFAULT_PROFILE_PATH = Path("~/.mlx-serve/config.toml").expanduser()
@@ -72,6 +72,26 @@ def load_profile(path: str | Path | None, *, apply_env: bool = True) -> LoadedPr
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError([Problem(str(file), None, "", f"cannot read profile: {exc}")]) from None
     return parse_profile(text, str(file), apply_env=apply_env)
+
+
+def server_of_invalid(path: str | Path | None, *, apply_env: bool = True) -> Server | None:
+    """The [server] table of a profile that failed to load, when that table is valid on its own:
+    the daemon still listens where its clients were told to look, and answers them 503 with the
+    reason, instead of 'connection refused' on a port nobody configured. None when it is not."""
+    file = Path(path).expanduser() if path is not None else DEFAULT_PROFILE_PATH
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    server = raw.get("server", {})
+    if apply_env:
+        server = (
+            _deep_merge(server, env_overrides().get("server", {})) if isinstance(server, dict) else server
+        )
+    try:
+        return Server.model_validate(server)
+    except ValidationError:
+        return None
 
 
 def parse_profile(text: str, filename: str, *, apply_env: bool = True) -> LoadedProfile:

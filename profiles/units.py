@@ -7,6 +7,9 @@ import re
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Longer than this is forever: a finite bound keeps timers and timestamps (datetime tops out in
+# year 9999) in range, whatever a client sends as keep_alive.
+MAX_DURATION_SECONDS = 100 * 365 * 86400.0
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -16,20 +19,22 @@ _SIZE_UNITS = {
 
 def parse_duration(value: int | float | str) -> float | None:
     """Ollama keep-alive semantics: seconds or '5m' / '1h30m'; 0 = unload after use;
-    negative or 'forever' = never unload (None)."""
+    negative, 'forever' or longer than MAX_DURATION_SECONDS = never unload (None)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like '5m', a number of seconds, or 'forever'")
     if isinstance(value, int | float):
-        if math.isnan(value):
+        if isinstance(value, float) and math.isnan(value):
             raise ValueError("duration must be a number, not NaN")
-        return None if value < 0 or math.isinf(value) else float(value)
+        if value < 0 or value > MAX_DURATION_SECONDS:  # compares exactly, however big an int
+            return None
+        return float(value)
     text = value.strip().lower()
     if text in ("forever", "never", "-1", "inf"):
         return None
     if text.startswith("-") and _is_duration(text[1:]):
         return None
     if _is_duration(text):
-        return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+        return parse_duration(sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text)))
     try:
         number = float(text)
     except ValueError:

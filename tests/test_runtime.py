@@ -171,6 +171,56 @@ def test_every_editor_save_style_is_applied(start_daemon, tiny_gguf, save) -> No
     assert health(daemon)["profile"]["last_reload_successful"]
 
 
+def test_symlinked_profile_follows_edits_to_its_target_and_a_repointed_link(tmp_path, tiny_gguf) -> None:
+    """Dotfiles setups link ~/.mlx-serve/config.toml to a file elsewhere: editing that file, or
+    pointing the link at another one, applies like any save (the watcher follows the link)."""
+    from mlx_serve_test_harness import Daemon
+
+    dotfiles, home = tmp_path / "dotfiles", tmp_path / "home"
+    dotfiles.mkdir()
+    home.mkdir()
+    target, other = dotfiles / "mlx.toml", dotfiles / "other.toml"
+    target.write_text(profile_text({"a": tiny(tiny_gguf, aliases=["first"])}))
+    link = home / "config.toml"
+    link.symlink_to(target)
+    with Daemon(link, home) as daemon:
+        assert models(daemon)["a"]["aliases"] == ["first"]
+        target.write_text(profile_text({"a": tiny(tiny_gguf, aliases=["second"])}))
+        wait_for(lambda: models(daemon)["a"]["aliases"] == ["second"])
+        other.write_text(profile_text({"a": tiny(tiny_gguf, aliases=["third"])}))
+        repointed = home / "config.toml.new"
+        repointed.symlink_to(other)
+        repointed.rename(link)  # `ln -sfn`: the link now names another file
+        wait_for(lambda: models(daemon)["a"]["aliases"] == ["third"])
+        other.write_text(profile_text({"a": tiny(tiny_gguf, aliases=["fourth"])}))  # the new target
+        wait_for(lambda: models(daemon)["a"]["aliases"] == ["fourth"])
+        target.write_text(profile_text({"a": tiny(tiny_gguf, aliases=["stale"])}))  # no longer linked
+        time.sleep(1.0)
+        assert models(daemon)["a"]["aliases"] == ["fourth"]
+
+
+def test_invalid_profile_at_start_listens_on_the_port_it_declares(tmp_path, tiny_gguf) -> None:
+    """Editors point at the profile's port: an invalid profile answers there (503 with the reason),
+    not on the default port; a profile whose [server] table is itself invalid falls back to it."""
+    from mlx_serve.profiles.loader import server_of_invalid
+    from mlx_serve_test_harness import Daemon, free_port
+
+    port = free_port()
+    profile = tmp_path / "config.toml"
+    bad_model = profile_text({"a": tiny(tiny_gguf, kv_cache={"bits": 3})}, server={"port": port})
+    profile.write_text(bad_model)
+    with Daemon(profile, tmp_path, port=port, port_from_profile=True) as daemon:
+        assert health(daemon)["profile"]["valid"] is False
+        ready = httpx.get(f"{daemon.url}/ready")
+        assert ready.status_code == 503 and "kv_cache.bits" in ready.text
+        assert "although the profile is invalid" in daemon.logs()
+    assert server_of_invalid(profile).port == port
+    profile.write_text(profile_text({"a": tiny(tiny_gguf)}, server={"port": "eleven"}))
+    assert server_of_invalid(profile) is None
+    profile.write_text("[server\nport = 1")
+    assert server_of_invalid(profile) is None
+
+
 # ---- reload while streaming -------------------------------------------------------------------
 
 

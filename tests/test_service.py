@@ -297,6 +297,29 @@ def test_dry_run_prints_file_and_commands_and_runs_nothing(senv: ServiceEnv, man
     assert senv.calls() == [] and not path.exists() and not (senv.mlx_home / "logs").exists()
 
 
+@pytest.mark.parametrize("manager", ["launchd", "systemd"])
+def test_install_with_no_profile_writes_the_starter_and_serves_it(senv: ServiceEnv, manager: str) -> None:
+    """A new user's second command after `make serve` (which runs the embedded default): never a
+    dead end. The starter profile is written where the daemon looks, and the service serves it."""
+    default = senv.home / ".mlx-serve" / "config.toml"
+    dry = senv.ok("service", "install", "--manager", manager, "--dry-run").stdout
+    assert f"would write the starter profile to {default}" in dry and not default.exists()
+    out = senv.ok("service", "install", "--manager", manager).stdout
+    assert "wrote the starter profile there" in out and default.is_file()
+    assert senv.ok("config", "validate", str(default)).returncode == 0
+    path = senv.plist if manager == "launchd" else senv.unit
+    assert str(default) in path.read_text()
+    edited = default.read_text() + "# mine\n"
+    default.write_text(edited)
+    senv.ok("service", "install", "--manager", manager)  # a second install keeps the user's file
+    assert default.read_text() == edited
+
+
+def test_install_with_a_named_missing_profile_is_refused(senv: ServiceEnv) -> None:
+    proc = senv.cli("service", "install", "--manager", "systemd", "--profile", str(senv.home / "typo.toml"))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and not senv.unit.exists()
+
+
 def test_service_status_sees_the_real_daemon_and_logs_show_files(senv: ServiceEnv) -> None:
     port = harness.free_port()
     profile = senv.profile(f"[server]\nport = {port}\n")
