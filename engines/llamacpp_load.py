@@ -1,212 +1,43 @@
 """Loading GGUF files into llama-cpp-python safely, and the settings the profile asks for.
 
 A crash inside the native loader would take the whole daemon down, so every file is checked in
-pure Python first (`read_gguf_header`): magic, version, metadata, tensor table and that every
-tensor's data lies inside the file. llama.cpp's own failures (e.g. an unknown architecture) raise
-a plain ValueError from `Llama(...)`; they become ModelLoadError with llama.cpp's last error line.
+pure Python first (gguf_checks.py): its structure (`read_gguf_header`: magic, version, metadata,
+tensor table, every tensor's data inside the file), then what llama.cpp would abort on while
+loading it (`check_loadable`: layer, head and expert counts, the vocabulary, the trained context).
+llama.cpp's own failures (e.g. an unknown architecture) raise a plain ValueError from `Llama(...)`;
+they become ModelLoadError with llama.cpp's last error line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import re
-import struct
 import subprocess
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
 import llama_cpp
 from llama_cpp._internals import LlamaContext
 
 from mlx_serve.profiles.schema import ModelSpec
 
 from .errors import ModelLoadError
+from .gguf_checks import GGUFFormatError, GGUFHeader, check_loadable, read_gguf_header
 
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 
 DEFAULT_MAX_CONTEXT = 8192  # n_ctx when the profile sets none: min(trained context, this)
-_MAX_TENSORS = 1 << 20
-_MAX_KV = 1 << 20
-_MAX_DIMS = 4  # GGML_MAX_DIMS
 # Bytes per element of the KV cache by profile kv bits: f16, Q8_0 (34 B / 32), Q4_0 (18 B / 32).
 KV_TYPES: dict[int | None, tuple[int, float]] = {
     None: (llama_cpp.GGML_TYPE_F16, 2.0),
     8: (llama_cpp.GGML_TYPE_Q8_0, 34 / 32),
     4: (llama_cpp.GGML_TYPE_Q4_0, 18 / 32),
 }
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_STRING, _ARRAY = 8, 9
-_KEEP_ARRAYS = {"tokenizer.ggml.tokens"}  # string arrays worth decoding (FIM detection)
-
-
-class GGUFFormatError(ValueError):
-    pass
-
-
-@dataclass
-class GGUFHeader:
-    version: int
-    file_size: int
-    metadata: dict[str, Any]
-    tensor_count: int
-    parameter_count: int
-    tokens: list[str] = field(default_factory=list)
-
-    @property
-    def architecture(self) -> str:
-        return str(self.metadata.get("general.architecture", "unknown"))
-
-    def arch_value(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(f"{self.architecture}.{key}", default)
-
-    @property
-    def quantization(self) -> str | None:
-        file_type = self.metadata.get("general.file_type")
-        try:
-            return (
-                gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
-            )
-        except ValueError:
-            return None
-
-
-class _Cursor:
-    def __init__(self, data: mmap.mmap) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.data):
-            raise GGUFFormatError("file ends inside the header (truncated?)")
-        (value,) = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        if n > len(self.data) - self.pos:
-            raise GGUFFormatError("a header string runs past the end of the file (truncated?)")
-        raw = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def skip_string(self) -> None:
-        n = self.take("<Q")
-        if n > len(self.data) - self.pos:
-            raise GGUFFormatError("a header string runs past the end of the file (truncated?)")
-        self.pos += n
-
-    def value(self, vtype: int, key: str) -> Any:
-        if vtype in _SCALARS:
-            return self.take(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype != _ARRAY:
-            raise GGUFFormatError(f"metadata {key!r} has unknown value type {vtype}")
-        etype, count = self.take("<I"), self.take("<Q")
-        if etype in _SCALARS:
-            size = struct.calcsize(_SCALARS[etype]) * count
-            if size > len(self.data) - self.pos:
-                raise GGUFFormatError(f"metadata array {key!r} runs past the end of the file (truncated?)")
-            self.pos += size
-            return None  # numeric arrays (scores, token types) are not needed here
-        if etype != _STRING:
-            raise GGUFFormatError(f"metadata array {key!r} has unsupported element type {etype}")
-        if count * 8 > len(self.data) - self.pos:
-            raise GGUFFormatError(f"metadata array {key!r} runs past the end of the file (truncated?)")
-        if key in _KEEP_ARRAYS:
-            return [self.string() for _ in range(count)]
-        for _ in range(count):
-            self.skip_string()
-        return None
-
-
-def read_gguf_header(path: Path) -> GGUFHeader:
-    """Parse and sanity-check a GGUF file's header and tensor table (no tensor data is read)."""
-    file_size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(24)
-        if len(head) < 24:
-            raise GGUFFormatError(f"file is only {file_size} bytes; not a GGUF file")
-        if head[:4] != b"GGUF":
-            raise GGUFFormatError(f"bad magic {head[:4]!r}; not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
-        if version not in (2, 3):
-            raise GGUFFormatError(f"unsupported GGUF version {version} (big-endian or too old/new?)")
-        if n_tensors > _MAX_TENSORS or n_kv > _MAX_KV:
-            raise GGUFFormatError(f"implausible header: {n_tensors} tensors, {n_kv} metadata keys")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(data, version, n_tensors, n_kv, file_size)
-
-
-def _parse(data: mmap.mmap, version: int, n_tensors: int, n_kv: int, file_size: int) -> GGUFHeader:
-    cur = _Cursor(data)
-    cur.pos = 24
-    metadata: dict[str, Any] = {}
-    tokens: list[str] = []
-    for _ in range(n_kv):
-        key = cur.string()
-        value = cur.value(cur.take("<I"), key)
-        if key in _KEEP_ARRAYS:
-            tokens = value or []
-        elif value is not None:
-            metadata[key] = value
-    if "general.architecture" not in metadata:
-        raise GGUFFormatError("metadata has no general.architecture")
-    tensors = []
-    params = 0
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.take("<I")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions")
-        dims = [cur.take("<Q") for _ in range(n_dims)]
-        ttype, offset = cur.take("<I"), cur.take("<Q")
-        try:
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-        except (ValueError, KeyError):
-            raise GGUFFormatError(f"tensor {name!r} has unknown type {ttype}") from None
-        count = 1
-        for d in dims:
-            if d == 0 or d > 1 << 40:
-                raise GGUFFormatError(f"tensor {name!r} has an implausible shape {dims}")
-            count *= d
-        if dims[0] % block:
-            raise GGUFFormatError(
-                f"tensor {name!r} row of {dims[0]} is not a multiple of its block size {block}"
-            )
-        params += count
-        tensors.append((name, offset, count // block * type_size))
-    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"bad general.alignment {alignment!r}")
-    data_start = -(-cur.pos // alignment) * alignment
-    for name, offset, nbytes in tensors:
-        if offset % alignment or data_start + offset + nbytes > file_size:
-            raise GGUFFormatError(
-                f"tensor {name!r} data lies outside the file ({file_size} bytes): truncated or corrupt"
-            )
-    return GGUFHeader(version, file_size, metadata, n_tensors, params, tokens)
 
 
 def physical_cores() -> int:
@@ -342,6 +173,7 @@ def load_llama(model_id: str, path: Path, spec: ModelSpec) -> tuple[llama_cpp.Ll
     """Validate the file, then load it; every failure is a ModelLoadError naming the model."""
     try:
         header = read_gguf_header(path)
+        check_loadable(header)
     except GGUFFormatError as exc:
         raise ModelLoadError(model_id, f"{path.name}: {exc}") from None
     except OSError as exc:
