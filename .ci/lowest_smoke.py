@@ -46,6 +46,8 @@ def import_everything() -> int:
         mlx_serve.profiles,
     ):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if info.name.endswith(".__main__"):  # runs the CLI when imported
+                continue
             importlib.import_module(info.name)
             count += 1
     return count
