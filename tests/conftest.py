@@ -17,6 +17,15 @@ test_models = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = test_models
 _spec.loader.exec_module(test_models)
 
+# Raw-engine references for content tests (tests/raw_reference.py): `import mlx_serve_test_raw_reference`.
+_rspec = importlib.util.spec_from_file_location(
+    "mlx_serve_test_raw_reference", Path(__file__).with_name("raw_reference.py")
+)
+assert _rspec is not None and _rspec.loader is not None
+raw_reference = importlib.util.module_from_spec(_rspec)
+sys.modules[_rspec.name] = raw_reference
+_rspec.loader.exec_module(raw_reference)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:

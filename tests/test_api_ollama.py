@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 
 import httpx
+import mlx_serve_test_raw_reference as raw
 import ollama
 import pytest
 
@@ -239,33 +240,36 @@ def test_show(client: ollama.Client, http: httpx.Client) -> None:
     assert mlx.modelinfo is not None and mlx.modelinfo["llama.context_length"] == 2048
 
 
-def test_chat_answers_paris(client: ollama.Client) -> None:
+def test_chat_answers_as_llama_cpp_does(client: ollama.Client, smollm2_gguf) -> None:
     r = client.chat("smol", messages=CAPITAL, options={"temperature": 0, "num_predict": 16})
-    assert "Paris" in r.message.content
-    assert r.message.role == "assistant" and r.done and r.done_reason == "stop"
-    assert r.prompt_eval_count and r.prompt_eval_count > 10 and r.eval_count and r.eval_count <= 16
+    ref = raw.llama_chat(smollm2_gguf, raw.user(CAPITAL[0]["content"]), 16)
+    assert r.message.content == ref.text and r.message.content  # the model's own greedy answer
+    assert r.message.role == "assistant" and r.done and r.done_reason == ref.finish
+    assert r.prompt_eval_count == ref.prompt_tokens and r.eval_count == ref.completion_tokens
     assert r.total_duration and r.eval_duration and r.prompt_eval_duration
     assert r.total_duration >= r.eval_duration
 
 
-def test_generate_answers_paris_templated_and_raw(client: ollama.Client) -> None:
+def test_generate_answers_as_llama_cpp_does_templated_and_raw(client: ollama.Client, smollm2_gguf) -> None:
     r = client.generate("smol", CAPITAL[0]["content"], options={"temperature": 0, "num_predict": 16})
-    assert "Paris" in r.response and r.done_reason == "stop"
-    raw = client.generate(
-        "smol", "The capital of France is", raw=True, options={"temperature": 0, "num_predict": 3}
-    )
-    assert "Paris" in raw.response and raw.prompt_eval_count == 5
+    ref = raw.llama_chat(smollm2_gguf, raw.user(CAPITAL[0]["content"]), 16)
+    assert r.response == ref.text and r.done_reason == ref.finish  # templated: the chat answer
+    prompt = "The capital of France is"
+    untemplated = client.generate("smol", prompt, raw=True, options={"temperature": 0, "num_predict": 3})
+    ref = raw.llama_greedy(smollm2_gguf, prompt, 3)
+    assert untemplated.response == ref.text and untemplated.prompt_eval_count == ref.prompt_tokens == 5
 
 
-def test_chat_stream(client: ollama.Client) -> None:
+def test_chat_stream(client: ollama.Client, smollm2_gguf) -> None:
     chunks = list(
         client.chat("smol", messages=CAPITAL, stream=True, options={"temperature": 0, "num_predict": 16})
     )
+    ref = raw.llama_chat(smollm2_gguf, raw.user(CAPITAL[0]["content"]), 16)
     assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
-    assert chunks[-1].message.content == "" and chunks[-1].done_reason == "stop"
+    assert chunks[-1].message.content == "" and chunks[-1].done_reason == ref.finish
     text = "".join(c.message.content or "" for c in chunks)
-    assert "Paris" in text and len(chunks) >= 4
-    assert chunks[-1].eval_count and chunks[-1].eval_count <= 16
+    assert text == ref.text and len(chunks) >= 4
+    assert chunks[-1].eval_count == ref.completion_tokens
 
 
 def test_num_predict_ends_with_length(client: ollama.Client) -> None:

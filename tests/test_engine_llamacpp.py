@@ -36,8 +36,8 @@ from mlx_serve.engines.prompting import ChatTemplate, render_chat
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import KVCache, ModelSpec, PromptLookup, Speculative
 
-# The bare question is a near-tie at the first token for SmolLM2 Q4_1 on llama.cpp ("L'Étoile..."
-# wins); this wording answers "The capital of France is Paris." (see test_models_smoke.py).
+# Which words SmolLM2 answers depends on the CPU's kernels (the bare question is a near-tie at the
+# first token), so content is checked against llama-cpp-python itself, never against words.
 CAPITAL = (Message("user", "What is the capital of France? Answer in one sentence."),)
 STORY = "Once upon a time, in a small village by the sea, there lived"
 REPEAT = "alpha beta gamma delta epsilon zeta eta theta iota kappa\n" * 4
@@ -179,9 +179,7 @@ def _capital_prompt(engine: LlamaCppEngine) -> str:
     return render_chat(ChatTemplate(template, "<|im_start|>", "<|im_end|>"), CAPITAL)
 
 
-async def test_smollm2_greedy_matches_llama_cpp_and_answers_paris(
-    smol: LlamaCppEngine, smollm2_gguf: Path
-) -> None:
+async def test_smollm2_greedy_matches_llama_cpp(smol: LlamaCppEngine, smollm2_gguf: Path) -> None:
     events, done = await run(smol, GenerationRequest(messages=CAPITAL, sampling=greedy(16, logprobs=True)))
     tokens = tokenize(smollm2_gguf, _capital_prompt(smol), add_bos=False)
     assert (
@@ -189,9 +187,11 @@ async def test_smollm2_greedy_matches_llama_cpp_and_answers_paris(
         == len(tokens)
         == await smol.count_tokens(GenerationRequest(messages=CAPITAL))
     )
-    assert pieces_of(events) == direct(smollm2_gguf, tokens, 16)
-    assert "Paris" in text_of(events)
-    assert done.reason == "stop"  # ends with <|im_end|>, which is not emitted
+    expected = direct(smollm2_gguf, tokens, 16)
+    assert pieces_of(events) == expected and "".join(expected).strip()
+    # llama.cpp stopped before 16 tokens only at <|im_end|>, which is not emitted
+    assert done.reason == ("stop" if len(expected) < 16 else "length")
+    assert done.usage.completion_tokens == len(expected) + (done.reason == "stop")
     assert "<|im_end|>" not in text_of(events)
 
 
@@ -199,9 +199,11 @@ async def test_characters_split_across_tokens_are_joined(smol: LlamaCppEngine, s
     prompt = "Repeat exactly: 🙂🙂🙂 café 日本語"
     events, _ = await run(smol, GenerationRequest(prompt=prompt, sampling=greedy(16, logprobs=True)))
     pieces = direct_bytes(smollm2_gguf, tokenize(smollm2_gguf, prompt, add_bos=True), 16)
-    assert "\ufffd" in pieces_of(events)  # some characters span several byte tokens...
-    assert text_of(events) == b"".join(pieces).decode()  # ...and are emitted whole
+    assert pieces_of(events) == [p.decode("utf-8", errors="replace") for p in pieces]  # llama.cpp's tokens
+    assert text_of(events) == b"".join(pieces).decode()  # characters split across tokens come whole
     assert "\ufffd" not in text_of(events)
+    if "\ufffd" not in pieces_of(events):  # the words are the CPU's kernels' choice: maybe no emoji
+        pytest.skip(f"SmolLM2 on this CPU splits no character across tokens here: {text_of(events)!r}")
 
 
 async def test_prompt_lookup_gives_identical_text(
@@ -215,7 +217,8 @@ async def test_prompt_lookup_gives_identical_text(
         plain_events, _ = await run(smol, request)
         events, done = await run(fast, request)
         assert text_of(events) == text_of(plain_events)
-        assert "alpha beta gamma" in text_of(events)
+        reference = direct_bytes(smollm2_gguf, tokenize(smollm2_gguf, REPEAT, add_bos=True), 24)
+        assert text_of(plain_events) == b"".join(reference).decode()  # llama.cpp's own text
         assert done.usage.completion_tokens == 24
         assert (
             done.usage.drafted_tokens > 0
@@ -261,7 +264,7 @@ async def test_kv_cache_quantization(tiny_gguf: Path, smollm2_gguf: Path) -> Non
     await smol8.load()
     try:
         events, _ = await run(smol8, GenerationRequest(messages=CAPITAL, sampling=greedy(12, logprobs=True)))
-        assert "Paris" in text_of(events)
+        assert text_of(events).strip()
         prompt = tokenize(smollm2_gguf, _capital_prompt(smol8), add_bos=False)
         q8 = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn": True}
         assert pieces_of(events) == direct(smollm2_gguf, prompt, 12, **q8)

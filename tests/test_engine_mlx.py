@@ -178,12 +178,11 @@ async def test_tiny_greedy_matches_mlx_lm(tiny: MLXEngine, tiny_mlx: Path) -> No
     assert result.finished.reason == "length" and len(result.tokens) == 40
 
 
-async def test_smollm2_answers_paris_token_for_token_like_mlx_lm(
-    smollm2: MLXEngine, smollm2_mlx: Path
-) -> None:
+async def test_smollm2_answers_token_for_token_like_mlx_lm(smollm2: MLXEngine, smollm2_mlx: Path) -> None:
+    # The words are the CPU kernels' choice (SmolLM2 has near-ties): mlx-lm here is the reference.
     result = await run(smollm2, chat(CAPITAL, max_tokens=10, logprobs=True))
-    assert "Paris" in result.text
     assert_matches(result, mlx_lm_reference(smollm2_mlx, CAPITAL, 10))
+    assert result.text.strip()
 
 
 @pytest.mark.parametrize(("bits", "start"), [(8, 0), (4, 16)])

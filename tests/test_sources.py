@@ -370,17 +370,16 @@ def test_quantize_on_load_builds_once_and_rebuilds_damage(env: dict[str, str], t
         mlx_model_dir("t", spec(str(q4), quantize="q8"))
 
 
-def test_gguf_to_mlx_is_cached_and_reused(env: dict[str, str], smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_gguf_to_mlx_is_cached_and_reused(
+    env: dict[str, str], smollm2_gguf: Path, smollm2_mlx: Path, tmp_path: Path
+) -> None:
     before = cache.builds["gguf-mlx"]
     smol = mlx_model_dir("smol", spec(str(smollm2_gguf), engine="mlx"))
     assert mlx_model_dir("smol", spec(str(smollm2_gguf), engine="mlx")) == smol
     assert cache.builds["gguf-mlx"] == before + 1
-    from mlx_lm import generate, load
-
-    model, tokenizer = load(str(smol))
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    assert "Paris" in generate(model, tokenizer, prompt, max_tokens=6)
+    # A working model, the converter's own (test_models_smoke.py checks that one against llama.cpp):
+    # the same greedy tokens here. Words are not checked: they are the CPU kernels' choice.
+    assert _greedy_tokens(smol, 6) == _greedy_tokens(smollm2_mlx, 6)
     with pytest.raises(ModelLoadError, match=r"'smol'.*already quantized \(4-bit\)"):
         mlx_model_dir("smol", spec(str(smollm2_gguf), engine="mlx", quantize="q8"))
     split = tmp_path / "big-Q8_0-00001-of-00002.gguf"
