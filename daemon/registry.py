@@ -172,10 +172,16 @@ class Registry:
         try:
             # Download first, outside the memory lock: a long download must not hold up other loads.
             await asyncio.to_thread(self._fetch, slot.model_id, slot.spec)
+            # The lock covers the decision (what fits, whom to evict) and the reservation, not the
+            # load itself: a slow or hostile load (a template rendering to its time limit, a big
+            # tokenizer) must not hold up every other model's load.
             async with self._memory_lock:
-                await self._make_room(slot)
-                engine = self._factory(slot.model_id, slot.spec, self._profile.models)
+                slot.reserved_bytes = await self._make_room(slot)
+            engine = self._factory(slot.model_id, slot.spec, self._profile.models)
+            try:
                 await engine.load()
+            finally:
+                slot.reserved_bytes = 0
             release_memory()  # what the load only needed for a moment (the tokenizer's JSON, ...)
         except InsufficientMemoryError:
             slot.state, slot.load_task = SlotState.UNLOADED, None
@@ -199,12 +205,17 @@ class Registry:
         self._notify("load", "", slot)
         return engine
 
-    async def _make_room(self, slot: Slot) -> None:
+    async def _make_room(self, slot: Slot) -> int:
+        """Evict what must go for `slot` to fit; returns the bytes to reserve while it loads."""
         needed = self._estimate(slot.model_id, slot.spec)
         residents = [
             Resident(s.model_id, s.memory_bytes(), s.last_used, s.spec.pin, s.busy)
             for s in self._slots.values()
             if s is not slot and s.state == SlotState.LOADED
+        ] + [  # loads under way hold what they reserved, and cannot be evicted
+            Resident(s.model_id, s.reserved_bytes, s.last_used, True, True)
+            for s in self._slots.values()
+            if s is not slot and s.reserved_bytes
         ]
         plan = plan_eviction(residents, needed, self.budget_bytes)
         if not plan.fits:
@@ -212,6 +223,7 @@ class Registry:
         for model_id in plan.evict:
             log.info("evicting %s to make room for %s", model_id, slot.model_id)
             await self._unload(self._slots[model_id], "pressure")
+        return needed
 
     async def _unload_if_idle(self, slot: Slot, reason: str) -> None:
         if slot.busy or slot.state != SlotState.LOADED:

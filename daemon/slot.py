@@ -37,6 +37,7 @@ class Slot:
     failed_at: float = 0.0
     load_task: asyncio.Task | None = None
     load_seconds: float = 0.0
+    reserved_bytes: int = 0  # the estimate held for it while it loads (the memory plan counts it)
     active: int = 0
     waiting: int = 0
     last_used: float = 0.0

@@ -206,8 +206,7 @@ class MLXEngine:
     async def count_tokens(self, request: GenerationRequest) -> int:
         """The prompt's exact token count, also when it would not fit the context."""
         loaded = self._require_loaded()
-        text, add_special = self._prompt_text(loaded, request)
-        return len(await asyncio.to_thread(_encode, loaded, text, add_special))
+        return len((await asyncio.to_thread(self._prompt, loaded, request))[0])
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -230,8 +229,7 @@ class MLXEngine:
 
     async def _plan(self, request: GenerationRequest) -> DecodePlan:
         loaded = self._require_loaded()
-        text, add_special = self._prompt_text(loaded, request)
-        ids = await asyncio.to_thread(_encode, loaded, text, add_special)
+        ids, text = await asyncio.to_thread(self._prompt, loaded, request)
         if not ids:
             raise UnsupportedRequestError("the prompt is empty")
         context = self.info().context_length
@@ -254,6 +252,12 @@ class MLXEngine:
             else None,
             constraint=constraint,
         )
+
+    def _prompt(self, loaded: LoadedModel, request: GenerationRequest) -> tuple[list[int], str]:
+        """(ids, text), rendered and tokenized on a worker thread: a template may take up to its
+        time limit, which must not stall the event loop."""
+        text, add_special = self._prompt_text(loaded, request)
+        return _encode(loaded, text, add_special), text
 
     def _prompt_text(self, loaded: LoadedModel, request: GenerationRequest) -> tuple[str, bool]:
         """(prompt text, whether the tokenizer should add its special tokens)."""

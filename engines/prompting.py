@@ -1,9 +1,10 @@
 """Prompts from requests: chat templates (sandboxed), tool prompts, fill-in-the-middle.
 
 Chat templates come from model files, which are untrusted: they render in Jinja's immutable
-sandbox (CVE-2024-34359 was a template reaching Python internals through llama-cpp-python), and
-`check_template` renders a probe conversation at load time so a hostile or broken template fails
-the load with a clear reason instead of failing every request.
+sandbox (CVE-2024-34359 was a template reaching Python internals through llama-cpp-python),
+bounded in time and size (engines/template_render.py), and `check_template` renders a probe
+conversation at load time so a hostile or broken template fails the load with a clear reason
+instead of failing every request.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
+from .template_render import TemplateError as TemplateError  # re-exported: callers import it here
+from .template_render import render
 from .toolcalls import ToolFormat, detect_tool_format
 from .types import Message, ToolSpec
 
@@ -39,10 +37,6 @@ HERMES_TOOL_PROMPT = (
 )
 
 
-class TemplateError(ValueError):
-    """The chat template is unsafe or broken."""
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str
@@ -52,21 +46,6 @@ class ChatTemplate:
     @property
     def supports_tools(self) -> bool:
         return "tools" in self.source
-
-
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-@lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 def _tool_dicts(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
@@ -136,20 +115,12 @@ def render_chat(
         context["tools"] = _tool_dicts(tools)
     if enable_thinking is not None:
         context["enable_thinking"] = enable_thinking
-    try:
-        return _compile(template.source).render(**context)
-    except SecurityError as exc:
-        raise TemplateError(f"chat template tried an unsafe operation: {exc}") from None
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"chat template error: {exc}") from None
+    return render(template.source, context)
 
 
 def check_template(template: ChatTemplate) -> None:
-    """Compile and render a probe conversation; raises TemplateError for unsafe or broken templates."""
-    try:
-        _compile(template.source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"chat template does not compile: {exc}") from None
+    """Compile and render a probe conversation; raises TemplateError for unsafe, broken or
+    unbounded templates."""
     render_chat(template, (Message("system", "probe"), Message("user", "probe")))
 
 
