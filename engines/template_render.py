@@ -105,6 +105,9 @@ def _estimate(name: str, subject: Any, args: tuple, kwargs: dict) -> int:
         old, new = args[0], args[1]
         hits = len(subject) + 1 if not old else subject.count(old)
         return len(subject) + hits * max(0, len(new) - len(old))
+    if name == "translate" and args and isinstance(args[0], dict):  # one character -> a long string
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        return len(subject) * longest
     if name == "indent":
         width = args[0] if args else kwargs.get("width", 4)
         width = len(width) if isinstance(width, str) else int(width) if isinstance(width, int) else 0
@@ -159,6 +162,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > limit:
                     raise _too_large("repetition")
+            if isinstance(left, int) and isinstance(right, int):  # squaring in a loop: C time, no check
+                if abs(left).bit_length() + abs(right).bit_length() > MAX_POWER_BITS:
+                    raise _too_large("a product")
             return operator.mul(left, right)
         if op == "**":
             if isinstance(left, int) and isinstance(right, int) and right > 0:
@@ -245,5 +251,11 @@ def render(source: str, context: dict[str, Any], seconds: float = RENDER_SECONDS
         raise TemplateError(f"chat template error: {exc}") from None
     except RecursionError:
         raise TemplateError("chat template recursed too deeply") from None
+    except MemoryError:  # e.g. a {% set %} block buffering a literal millions of times
+        raise _too_large("what the template built") from None
+    except TemplateError:
+        raise
+    except Exception as exc:  # the template's own bug ({{ 1 + 'a' }}): its model's fault, not ours
+        raise TemplateError(f"chat template error: {type(exc).__name__}: {exc}") from None
     finally:
         del _bounds.limit

@@ -117,6 +117,16 @@ HUGE = {
     "%-width": "{{ '%200000000d' % 1 }}",
     "format width": "{{ '{:>200000000}'.format(1) }}",
     "indent": "{{ ('x\n' * 20000)|indent(20000) }}",
+    "a set block buffering a literal": (
+        "{% set b %}{% for i in range(100000) %}{% for j in range(100) %}"
+        + "y" * 10000
+        + "{% endfor %}{% endfor %}{% endset %}{{ b }}"
+    ),
+    "squaring a number": (
+        "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}"
+        "{{ ns.n }}"
+    ),
+    "translate": "{{ ('x' * 20000).translate({120: 'y' * 20000}) }}",
 }
 
 
@@ -126,6 +136,13 @@ def test_a_template_with_huge_output_is_cut(source: str) -> None:
     with pytest.raises(TemplateError, match="too large"):
         finish_within(RENDER_LIMIT + 8, render, source)
     assert time.monotonic() - started < RENDER_LIMIT
+
+
+@pytest.mark.parametrize("source", ["{{ 1 + 'a' }}", "{{ messages[99]['content'] }}", "{{ 1 // 0 }}"])
+def test_a_template_bug_is_a_template_error(source: str) -> None:
+    """The template's own mistake is its model's 400, never a 500."""
+    with pytest.raises(TemplateError, match="chat template error"):
+        render(source)
 
 
 def test_the_load_probe_fails_fast_on_a_never_ending_template() -> None:
