@@ -17,16 +17,21 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from mlx_serve.engines import cache
 from mlx_serve.engines.errors import ModelLoadError
 from mlx_serve.engines.factory import engine_kind
-from mlx_serve.engines.progress import (
+from mlx_serve.engines.sources.progress import (
     DownloadEvent,
     add_progress_listener,
     format_bytes,
     remove_progress_listener,
 )
-from mlx_serve.engines.sources import cached_source, is_hub_source, model_cache_entries, prepare
+from mlx_serve.engines.sources.resolve import (
+    cache,
+    cached_source,
+    is_hub_source,
+    model_cache_entries,
+    prepare,
+)
 from mlx_serve.profiles.loader import ProfileError, load_profile
 from mlx_serve.profiles.schema import ModelSpec, Profile
 
@@ -155,7 +160,7 @@ def _quantization(spec: ModelSpec, path: Path | None) -> str:
     if spec.quantize not in (None, "none"):
         return f"{spec.quantize}/{spec.group_size or 64} on load"
     if path is not None and path.is_file():
-        from mlx_serve.engines.repo_files import quant_label
+        from mlx_serve.engines.sources.repo_files import quant_label
 
         return quant_label(path.name) or "gguf"
     if spec.gguf_quant:
@@ -199,7 +204,7 @@ def _models(args: argparse.Namespace) -> int:
     rows = [model_row(mid, spec, states) for mid, spec in profile.models.items()]
     found = []
     if args.discover:
-        from mlx_serve.engines.lmstudio import discover, roots
+        from mlx_serve.engines.sources.lmstudio import discover, roots
 
         found = discover()
     if args.json:

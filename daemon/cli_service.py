@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_serve.engines.paths import home
+from mlx_serve.engines.sources.paths import home
 from mlx_serve.launchd import service as svc
 from mlx_serve.launchd.launchctl import ServiceError
 from mlx_serve.launchd.logrotate import LOG_NAME, STDERR_NAME, STDOUT_NAME

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
-from mlx_serve.engines.paths import home
+from mlx_serve.engines.sources.paths import home
 from mlx_serve.launchd import service as svc
 from mlx_serve.launchd.launchctl import ServiceError
 from mlx_serve.profiles.loader import DEFAULT_PROFILE_PATH, LoadedProfile, ProfileError, load_profile
@@ -116,7 +116,7 @@ def _hub_snapshot(repo: str) -> Path | None:
 
 def model_size(model_id: str, profile: Profile) -> int | None:
     """Bytes on disk of a model's weights, or None if not known without downloading."""
-    from mlx_serve.engines.sources import is_local_source, resolve_source
+    from mlx_serve.engines.sources.resolve import is_local_source, resolve_source
 
     spec = profile.models[model_id]
     try:

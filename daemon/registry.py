@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mlx_serve.engines.base import Engine
 from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.sources import resolve_source
+from mlx_serve.engines.sources.resolve import resolve_source
 from mlx_serve.profiles.diff import ReloadPlan, diff
 from mlx_serve.profiles.schema import ModelSpec, Profile
 from mlx_serve.profiles.units import parse_size

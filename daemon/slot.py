@@ -113,7 +113,7 @@ def total_memory() -> int:
 def estimate_bytes(model_id: str, spec: ModelSpec) -> int:
     """A pre-load estimate from the weight files on disk (plus 20% for KV cache and buffers);
     0 when the files are not local yet (downloads are accounted after load)."""
-    from mlx_serve.engines.sources import is_local_source, resolve_source
+    from mlx_serve.engines.sources.resolve import is_local_source, resolve_source
 
     if not (spec.source.startswith("package:") or is_local_source(spec.source)):
         return 0

@@ -18,8 +18,8 @@ from mlx_serve.profiles.schema import Profile
 
 log = logging.getLogger("mlx_serve.warmup")
 ENGINE_MODULES = {
-    "llama_cpp": ("mlx_serve.engines.llamacpp_engine",),
-    "mlx": ("mlx_serve.engines.mlx_engine", "transformers.models.auto.tokenization_auto"),
+    "llama_cpp": ("mlx_serve.engines.llamacpp.engine",),
+    "mlx": ("mlx_serve.engines.mlx.engine", "transformers.models.auto.tokenization_auto"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from .types import EngineInfo, Event, GenerationRequest
+from mlx_serve.engines.types import EngineInfo, Event, GenerationRequest
 
 
 @runtime_checkable

@@ -6,9 +6,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
+from mlx_serve.engines.base import Engine
 from mlx_serve.profiles.schema import ModelSpec
-
-from .base import Engine
 
 
 def is_apple_silicon() -> bool:
@@ -29,9 +28,9 @@ def create_engine(model_id: str, spec: ModelSpec, models: Mapping[str, ModelSpec
     draft_id = spec.speculative.draft_model if spec.speculative else None
     draft = (draft_id, models[draft_id]) if draft_id else None
     if engine_kind(spec) == "llama_cpp":
-        from .llamacpp_engine import LlamaCppEngine
+        from mlx_serve.engines.llamacpp.engine import LlamaCppEngine
 
         return LlamaCppEngine(model_id, spec)
-    from .mlx_engine import MLXEngine
+    from mlx_serve.engines.mlx.engine import MLXEngine
 
     return MLXEngine(model_id, spec, draft=draft)

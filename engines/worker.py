@@ -122,7 +122,7 @@ class EngineThread:
     def submit(self, job: Callable[[], None]) -> None:
         """Queue a plain job (it reports its own errors)."""
         if self._closed:  # a job queued behind close() would never run: fail instead of hanging
-            from .errors import EngineNotLoadedError
+            from mlx_serve.engines.errors import EngineNotLoadedError
 
             raise EngineNotLoadedError("engine is unloaded")
         self._jobs.put(job)

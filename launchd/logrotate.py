@@ -24,7 +24,7 @@ import time
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
-from mlx_serve.engines.paths import home
+from mlx_serve.engines.sources.paths import home
 
 LOG_NAME = "mlx-serve.log"
 STDOUT_NAME = "daemon.out.log"

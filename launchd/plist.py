@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mlx_serve.engines.paths import home
+from mlx_serve.engines.sources.paths import home
 
 from .launchctl import ServiceError
 from .logrotate import STDERR_NAME, STDOUT_NAME

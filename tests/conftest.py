@@ -122,7 +122,7 @@ def start_daemon(tmp_path: Path):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def make_mlx_engine():
     """Factory: load an MLX engine in-process; every engine it made is unloaded after the module."""
-    from mlx_serve.engines.mlx_engine import MLXEngine  # MLX only for the modules that use it
+    from mlx_serve.engines.mlx.engine import MLXEngine  # MLX only for the modules that use it
     from mlx_serve.profiles.schema import ModelSpec
 
     engines: list[MLXEngine] = []

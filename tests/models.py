@@ -27,7 +27,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-import mlx_serve.engines.gguf_to_mlx as gguf_to_mlx
+import mlx_serve.engines.sources.gguf_to_mlx as gguf_to_mlx
 
 RECIPE_VERSION = "tiny-llama-4"  # bump when a builder changes what it writes
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

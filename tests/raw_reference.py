@@ -7,7 +7,7 @@ words; it asserts that the daemon or engine gives exactly what llama-cpp-python 
 for the same prompt tokens on the same machine.
 
 The llama.cpp reference loads the GGUF with the settings the engine derives from a ModelSpec
-(llamacpp_load.llama_kwargs: context size, threads, GPU layers, flash attention; the test profile
+(llamacpp.load.llama_kwargs: context size, threads, GPU layers, flash attention; the test profile
 runs one thread), then decodes with llama-cpp-python's own generate(), stopping at an
 end-of-generation token. Chat prompts are rendered with the project's sandboxed renderer and the
 GGUF's own chat template, as the engine renders them, and tokenized by llama.cpp. References are
@@ -29,8 +29,8 @@ from typing import Any
 
 import llama_cpp
 
-from mlx_serve.engines.llamacpp_load import llama_kwargs, read_gguf_header
-from mlx_serve.engines.prompting import ChatTemplate, render_chat
+from mlx_serve.engines.llamacpp.load import llama_kwargs, read_gguf_header
+from mlx_serve.engines.text.prompting import ChatTemplate, render_chat
 from mlx_serve.engines.types import GenerationRequest, Message, ToolSpec
 from mlx_serve.profiles.schema import ModelSpec
 
@@ -131,7 +131,7 @@ def llama_chat(
     **settings: Any,
 ) -> Completion:
     """Greedy decoding of a conversation, rendered as the engine renders it. The template brings
-    its own BOS if it has one, so none is added then (engines/llamacpp_prompt.build_prompt)."""
+    its own BOS if it has one, so none is added then (engines/llamacpp/prompt.build_prompt)."""
     text = chat_prompt(path, messages, tools)
     bos = _template(str(path)).bos_token
     return _greedy(str(path), text, max_tokens, not (bos and text.startswith(bos)), _settings(settings))

@@ -22,8 +22,8 @@ from llama_cpp import Llama
 from llama_cpp._internals import LlamaBatch, LlamaContext
 
 from mlx_serve.engines.errors import ContextOverflowError, UnsupportedRequestError
-from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
-from mlx_serve.engines.llamacpp_load import physical_cores
+from mlx_serve.engines.llamacpp.engine import LlamaCppEngine
+from mlx_serve.engines.llamacpp.load import physical_cores
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import ModelSpec, PromptLookup, Speculative
 
@@ -136,7 +136,7 @@ async def test_tiny_batch_equals_each_request_alone(
 
 async def test_smollm2_batch_equals_each_request_alone(smollm2_gguf: Path) -> None:
     """Bit for bit, the real model too: each sequence attends over its own KV stream (see
-    llamacpp_load.use_sequences); a unified cache made this text fork at near-ties."""
+    llamacpp.load.use_sequences); a unified cache made this text fork at near-ties."""
     one = LlamaCppEngine("smol1", spec(smollm2_gguf))
     many = LlamaCppEngine("smol8", spec(smollm2_gguf, max_concurrency=8))
     await one.load()

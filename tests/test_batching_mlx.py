@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from mlx_serve.engines import mlx_batch
 from mlx_serve.engines.errors import EngineNotLoadedError
-from mlx_serve.engines.mlx_engine import MLXEngine
+from mlx_serve.engines.mlx import batch as mlx_batch
+from mlx_serve.engines.mlx.engine import MLXEngine
 from mlx_serve.engines.types import Event, Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import KVCache, ModelSpec, PromptLookup, Speculative
 

@@ -1,4 +1,4 @@
-"""Constrained JSON decoding (engines/constrained.py) on real models, with our own greedy loops.
+"""Constrained JSON decoding (engines/text/constrained.py) on real models, with our own greedy loops.
 
 The tiny models are random: unconstrained, their output is gibberish that never parses, so a parsing,
 schema-valid result that ends in EOS is the constraint's doing. A random model never closes an
@@ -24,9 +24,9 @@ from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp._internals import LlamaSampler
 from mlx_lm.generate import generate_step, speculative_generate_step
 
-from mlx_serve.engines.constrained import JsonConstraint, grammar_for, llama_tokenizer, mlx_tokenizer
 from mlx_serve.engines.errors import EngineError, UnsupportedRequestError
-from mlx_serve.engines.prompt_lookup import DraftCounters, prompt_lookup_generate_step
+from mlx_serve.engines.mlx.prompt_lookup import DraftCounters, prompt_lookup_generate_step
+from mlx_serve.engines.text.constrained import JsonConstraint, grammar_for, llama_tokenizer, mlx_tokenizer
 
 PERSON = {
     "type": "object",
@@ -229,7 +229,7 @@ def test_llama_tiny_random_model_emits_valid_json(llama_tiny):
 
 def test_llama_explicit_mask_and_accept(llama_tiny):
     """The engine-Decoder style: mask the context's logits in place, sample with a LlamaSampler chain
-    (penalties + greedy, as llamacpp_decode.make_sampler builds it), accept, stop when finished."""
+    (penalties + greedy, as llamacpp.decode.make_sampler builds it), accept, stop when finished."""
     llm = llama_tiny
     constraint = JsonConstraint.for_llama(llm, {"type": "json_schema", "schema": BOUNDED_PERSON})
     sampler = LlamaSampler()

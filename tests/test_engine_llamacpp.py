@@ -23,8 +23,8 @@ from mlx_serve.engines.errors import (
     ModelLoadError,
     UnsupportedRequestError,
 )
-from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
-from mlx_serve.engines.llamacpp_load import (
+from mlx_serve.engines.llamacpp.engine import LlamaCppEngine
+from mlx_serve.engines.llamacpp.load import (
     DEFAULT_MAX_CONTEXT,
     flash_attention,
     llama_kwargs,
@@ -32,7 +32,7 @@ from mlx_serve.engines.llamacpp_load import (
     read_gguf_header,
 )
 from mlx_serve.engines.ngram_index import NgramIndex
-from mlx_serve.engines.prompting import ChatTemplate, render_chat
+from mlx_serve.engines.text.prompting import ChatTemplate, render_chat
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import KVCache, ModelSpec, PromptLookup, Speculative
 

@@ -30,8 +30,8 @@ from mlx_serve.engines.errors import (
     ModelLoadError,
     UnsupportedRequestError,
 )
-from mlx_serve.engines.mlx_engine import MLXEngine
-from mlx_serve.engines.mlx_sampling import PENALTY_CONTEXT
+from mlx_serve.engines.mlx.engine import MLXEngine
+from mlx_serve.engines.mlx.sampling import PENALTY_CONTEXT
 from mlx_serve.engines.types import (
     Finished,
     GenerationRequest,
@@ -424,7 +424,7 @@ async def test_concurrent_requests_all_complete(tiny: MLXEngine) -> None:
     assert all(r.finished.reason == "length" for r in results)
     assert {r.text for r in results[1::2]} == {results[1].text}  # same request, same greedy output
     assert [r.finished.usage.completion_tokens for r in results] == [15, 20] * 4
-    assert tiny.counters.batch_peak == 0  # max_concurrency 1: one at a time, never batched (mlx_batch)
+    assert tiny.counters.batch_peak == 0  # max_concurrency 1: one at a time, never batched (mlx.batch)
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel task"])

@@ -91,7 +91,7 @@ def _accepts(schema: dict, text: str) -> bool:
     """Whether constrained decoding (over a byte tokenizer) lets `text` through, and may end there."""
     from llguidance import LLMatcher, LLTokenizer
 
-    from mlx_serve.engines.constrained import grammar_for
+    from mlx_serve.engines.text.constrained import grammar_for
 
     tokenizer = LLTokenizer("byte")
     matcher = LLMatcher(tokenizer, grammar_for({"type": "json_schema", "schema": schema}))

@@ -1,6 +1,6 @@
 """Malformed GGUF headers that llama.cpp aborts on (GGML_ASSERT: SIGABRT takes the whole daemon
 down) or misreads (a trained context of 2**32 - 1 reads as -1: every request a 500). The pure-Python
-check in engines/gguf_checks.py refuses them before llama.cpp sees the file, so the load of THAT
+check in engines/sources/gguf.py refuses them before llama.cpp sees the file, so the load of THAT
 model fails with the reason and every other model keeps serving.
 
 Every file is a tiny random llama (hidden 64, 2 layers, a 258-token byte-level BPE vocabulary)
@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.gguf_checks import GGUFFormatError, check_loadable, read_gguf_header
-from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
+from mlx_serve.engines.llamacpp.engine import LlamaCppEngine
+from mlx_serve.engines.sources.gguf import GGUFFormatError, check_loadable, read_gguf_header
 from mlx_serve.engines.types import GenerationRequest, SamplingParams
 from mlx_serve.profiles.schema import ModelSpec
 from mlx_serve_test_harness import Daemon, profile_text

@@ -1,4 +1,4 @@
-"""Chat templates that never end or write without end (engines/template_render.py): the bounded
+"""Chat templates that never end or write without end (engines/text/template_render.py): the bounded
 renderer stops them with a clear error, and in the real daemon such a template fails only its own
 model's request (a 400 in each dialect's shape) or load (a clear reason), while every other model
 keeps loading and serving and SIGTERM still ends the daemon promptly.
@@ -21,7 +21,7 @@ import httpx
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mlx_serve.engines.prompting import (
+from mlx_serve.engines.text.prompting import (
     ChatTemplate,
     TemplateError,
     check_template,
@@ -153,7 +153,7 @@ def test_the_load_probe_fails_fast_on_a_never_ending_template() -> None:
 def _reference_render(source: str, messages, tools, monkeypatch: pytest.MonkeyPatch) -> str:
     """The renderer as it was before the bounds (Jinja's immutable sandbox, nothing else), given
     the context render_chat builds."""
-    from mlx_serve.engines import prompting
+    from mlx_serve.engines.text import prompting
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]

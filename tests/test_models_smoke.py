@@ -15,7 +15,7 @@ import pytest
 from llama_cpp import Llama
 from transformers import AutoTokenizer
 
-from mlx_serve.engines.gguf_to_mlx import GGUFConversionError, convert_gguf_to_mlx
+from mlx_serve.engines.sources.gguf_to_mlx import GGUFConversionError, convert_gguf_to_mlx
 from mlx_serve_test_models import tiny_weights, write_llama_gguf
 
 # Free greedy text is the CPU kernels' choice: SmolLM2 Q4_1 has near-ties ("What is the capital of

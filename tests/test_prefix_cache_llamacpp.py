@@ -12,8 +12,8 @@ import mlx_serve_test_raw_reference as raw
 import numpy as np
 import pytest
 
-from mlx_serve.engines.llamacpp_engine import LlamaCppEngine
-from mlx_serve.engines.llamacpp_load import kv_cache_bytes
+from mlx_serve.engines.llamacpp.engine import LlamaCppEngine
+from mlx_serve.engines.llamacpp.load import kv_cache_bytes
 from mlx_serve.engines.speculation_gate import StepCosts
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import KVCache, ModelSpec, PrefixCache, PromptLookup, Speculative

@@ -18,8 +18,8 @@ import openai
 import pytest
 import pytest_asyncio
 
-from mlx_serve.engines.mlx_engine import MLXEngine
-from mlx_serve.engines.mlx_prefix_cache import MIN_REUSE, PrefixCache
+from mlx_serve.engines.mlx.engine import MLXEngine
+from mlx_serve.engines.mlx.prefix_cache import MIN_REUSE, PrefixCache
 from mlx_serve.engines.types import Finished, GenerationRequest, Message, SamplingParams, TextDelta
 from mlx_serve.profiles.schema import ModelSpec, PromptLookup, Speculative
 

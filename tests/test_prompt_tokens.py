@@ -10,8 +10,8 @@ import llama_cpp
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_serve.engines.llamacpp_prompt import control_tokens
-from mlx_serve.engines.prompt_tokens import MIN_CHARS, PromptTokenizer, hf_special_tokens
+from mlx_serve.engines.llamacpp.prompt import control_tokens
+from mlx_serve.engines.text.prompt_tokens import MIN_CHARS, PromptTokenizer, hf_special_tokens
 
 WORDS = "alpha beta  gamma\tdelta, épsilon 東京 naïve\n\n  <not special> ending. ".split(" ")
 

@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 
 from mlx_serve.daemon.cli import main as cli_main
-from mlx_serve.engines import cache
 from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.hub import cached_repo, fetch_repo
-from mlx_serve.engines.lmstudio import discover, resolve_lmstudio
-from mlx_serve.engines.progress import DownloadEvent, add_progress_listener, remove_progress_listener
-from mlx_serve.engines.repo_files import parse_hub_source, plan_files, select_gguf
-from mlx_serve.engines.sources import mlx_model_dir
+from mlx_serve.engines.sources.hub import cached_repo, fetch_repo
+from mlx_serve.engines.sources.lmstudio import discover, resolve_lmstudio
+from mlx_serve.engines.sources.progress import DownloadEvent, add_progress_listener, remove_progress_listener
+from mlx_serve.engines.sources.repo_files import parse_hub_source, plan_files, select_gguf
+from mlx_serve.engines.sources.resolve import cache, mlx_model_dir
 from mlx_serve.profiles.schema import ModelSpec
 
 MLX_REPO, GGUF_REPO, BIN_REPO = "test-org/tiny-mlx", "test-org/tiny-GGUF", "test-org/pytorch-only"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from mlx_serve.engines.reasoning import ReasoningFormat, ReasoningSplitter, detect_reasoning
-from mlx_serve.engines.stops import StopMatcher
-from mlx_serve.engines.toolcalls import ToolCallParser, ToolFormat, detect_tool_format
+from mlx_serve.engines.text.reasoning import ReasoningFormat, ReasoningSplitter, detect_reasoning
+from mlx_serve.engines.text.stops import StopMatcher
+from mlx_serve.engines.text.toolcalls import ToolCallParser, ToolFormat, detect_tool_format
 from mlx_serve.engines.types import ReasoningDelta, TextDelta, ToolCallEvent
 
 

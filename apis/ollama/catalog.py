@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_serve.engines.factory import engine_kind
-from mlx_serve.engines.prompting import fim_tokens_from_vocab
+from mlx_serve.engines.text.prompting import fim_tokens_from_vocab
 from mlx_serve.engines.types import EngineInfo
 
 log = logging.getLogger("mlx_serve.apis.ollama")
@@ -107,7 +107,7 @@ def with_engine(facts: ModelFacts, info: EngineInfo) -> ModelFacts:
 
 def static_facts(model_id: str, spec: Any) -> ModelFacts:
     """Facts from the files on disk; never loads, never downloads."""
-    from mlx_serve.engines.sources import is_local_source, resolve_source
+    from mlx_serve.engines.sources.resolve import is_local_source, resolve_source
 
     fmt = "gguf" if spec.is_gguf else "mlx"
     if not (spec.source.startswith("package:") or is_local_source(spec.source)):
@@ -123,7 +123,7 @@ def static_facts(model_id: str, spec: Any) -> ModelFacts:
     if spec.context_length:
         facts = dataclasses.replace(facts, context_length=spec.context_length)
     elif engine_kind(spec) == "llama_cpp" and facts.context_length:
-        from mlx_serve.engines.llamacpp_load import DEFAULT_MAX_CONTEXT
+        from mlx_serve.engines.llamacpp.load import DEFAULT_MAX_CONTEXT
 
         facts = dataclasses.replace(facts, context_length=min(facts.context_length, DEFAULT_MAX_CONTEXT))
     return facts
@@ -154,7 +154,7 @@ def _file_facts(
 
 
 def _gguf_facts(base: ModelFacts, path: Path) -> ModelFacts:
-    from mlx_serve.engines.llamacpp_load import read_gguf_header
+    from mlx_serve.engines.llamacpp.load import read_gguf_header
 
     header = read_gguf_header(path)
     trained = header.arch_value("context_length")

@@ -3,9 +3,9 @@
 - llama.cpp through llama-cpp-python's low-level C API: one context per batch size, a greedy loop;
   for N sequences, a context with n_seq_max=N and one llama_decode per step for all N (ARCHITECTURE.md "Verified facts":
   `Llama` cannot do this). Its KV cache is split, one stream per sequence (`kv_unified = False`),
-  as mlx-serve's engine does (engines/llamacpp_load.use_sequences), so batch-N ratios compare like
+  as mlx-serve's engine does (engines/llamacpp/load.use_sequences), so batch-N ratios compare like
   with like; `kv_unified=True` gives the unified-KV unified cache (ARCHITECTURE.md "Verified facts"), reported as an extra row. Flash
-  attention is as the engine has it by default (engines/llamacpp_load.flash_attention: off on
+  attention is as the engine has it by default (engines/llamacpp/load.flash_attention: off on
   CPU, where it speeds short contexts and slows long ones), not llama.cpp's "auto".
 - MLX through mlx-lm: generate_step for one sequence, BatchGenerator (the model's forward on a batch
   of N with a KV cache) for N.

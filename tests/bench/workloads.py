@@ -128,7 +128,7 @@ class Bench:
         if key not in self._raw:
             self.log(f"  loading {key} in-process")
             if family.engine == "llama_cpp":
-                from mlx_serve.engines.llamacpp_load import flash_attention  # imports llama.cpp
+                from mlx_serve.engines.llamacpp.load import flash_attention  # imports llama.cpp
                 from mlx_serve.profiles.schema import ModelSpec
 
                 fa = flash_attention(ModelSpec(source=str(family.model), engine="llama_cpp"))

@@ -6,12 +6,12 @@ side (in a worker thread, under a lock shared with the engine thread, because Hu
 tokenizers are not safe to use from two threads at once), so a prompt that does not fit is
 rejected at once instead of after the requests queued ahead of it.
 
-With `max_concurrency` 1 (the default) requests run one at a time, in arrival order (mlx_generation);
-above 1 they decode together, continuously batched (mlx_batch), unless speculative decoding or a
-quantized KV cache keeps the model at batch size 1 (mlx_batch.single_request_reason).
+With `max_concurrency` 1 (the default) requests run one at a time, in arrival order (mlx.generation);
+above 1 they decode together, continuously batched (mlx.batch), unless speculative decoding or a
+quantized KV cache keeps the model at batch size 1 (mlx.batch.single_request_reason).
 
 Loading the model files, the draft model and the chat template, and the load-time checks of the
-profile's settings against them, are in mlx_load.
+profile's settings against them, are in mlx.load.
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.utils import get_total_parameters
 
-from mlx_serve.profiles.schema import ModelSpec
-
-from . import mlx_prefix_store as prefix_store
-from .constrained import JsonConstraint
-from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
-from .mlx_batch import BatchScheduler, make_scheduler
-from .mlx_generation import DecodePlan, EngineCounters, LoadedModel, run_generation
-from .mlx_load import (
+import mlx_serve.engines.mlx.prefix_disk as prefix_store
+from mlx_serve.engines.errors import (
+    ContextOverflowError,
+    EngineNotLoadedError,
+    ModelLoadError,
+    UnsupportedRequestError,
+)
+from mlx_serve.engines.mlx.batch import BatchScheduler, make_scheduler
+from mlx_serve.engines.mlx.generation import DecodePlan, EngineCounters, LoadedModel, run_generation
+from mlx_serve.engines.mlx.load import (
     check_kv_group,
     check_kv_settings,
     load_draft,
@@ -43,10 +45,12 @@ from .mlx_load import (
     select_chat_template,
     weights_nbytes,
 )
-from .mlx_prefix_cache import PrefixCache, make_prefix_cache
-from .mlx_sampling import resolve_sampling
-from .prompt_tokens import PromptTokenizer, hf_special_tokens
-from .prompting import (
+from mlx_serve.engines.mlx.prefix_cache import PrefixCache, make_prefix_cache
+from mlx_serve.engines.mlx.sampling import resolve_sampling
+from mlx_serve.engines.sources.resolve import mlx_model_dir
+from mlx_serve.engines.text.constrained import JsonConstraint
+from mlx_serve.engines.text.prompt_tokens import PromptTokenizer, hf_special_tokens
+from mlx_serve.engines.text.prompting import (
     ChatTemplate,
     TemplateError,
     build_fim_prompt,
@@ -54,10 +58,10 @@ from .prompting import (
     render_chat,
     tool_format_for,
 )
-from .reasoning import ReasoningFormat, detect_reasoning
-from .sources import mlx_model_dir
-from .types import Capability, EngineInfo, Event, GenerationRequest
-from .worker import EngineThread
+from mlx_serve.engines.text.reasoning import ReasoningFormat, detect_reasoning
+from mlx_serve.engines.types import Capability, EngineInfo, Event, GenerationRequest
+from mlx_serve.engines.worker import EngineThread
+from mlx_serve.profiles.schema import ModelSpec
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 FALLBACK_CONTEXT = 4096  # when neither the profile nor the model config names a context length

@@ -1,10 +1,10 @@
 """llama.cpp decoding for LlamaCppEngine: prompt prefill with KV prefix reuse, sampling with
 per-token logprobs, prompt-lookup drafts verified in one batch, token pieces, and the text side of
-one request (Output), shared by the one-at-a-time path and the batch scheduler (llamacpp_batch.py).
+one request (Output), shared by the one-at-a-time path and the batch scheduler (llamacpp/batch.py).
 
 Runs only on the engine's thread. `Llama.input_ids[:n_tokens]` always mirrors the KV cache, so
 the next request can reuse the longest common prefix (as `Llama.generate` does), or an earlier
-prompt's KV from the prefix store (llamacpp_prefix_cache.py) when that shares more.
+prompt's KV from the prefix store (llamacpp/prefix_cache.py) when that shares more.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaSampler
 
+from mlx_serve.engines.ngram_index import NgramIndex
+from mlx_serve.engines.speculation_gate import SpeculationGate, StepCosts, shadow_check
+from mlx_serve.engines.text.constrained import JsonConstraint
+from mlx_serve.engines.text.postprocess import OutputPipeline
+from mlx_serve.engines.text.reasoning import ReasoningFormat
+from mlx_serve.engines.text.toolcalls import ToolFormat
+from mlx_serve.engines.types import Event, Finished, FinishReason, TokenLogprob, Usage
 from mlx_serve.profiles.schema import PromptLookup
 
-from .constrained import JsonConstraint
-from .ngram_index import NgramIndex
-from .postprocess import OutputPipeline
-from .reasoning import ReasoningFormat
-from .speculation_gate import SpeculationGate, StepCosts, shadow_check
-from .toolcalls import ToolFormat
-from .types import Event, Finished, FinishReason, TokenLogprob, Usage
-
 if TYPE_CHECKING:
-    from .llamacpp_prefix_cache import PrefixStore
+    from mlx_serve.engines.llamacpp.prefix_cache import PrefixStore
 
 PENALTY_LAST_N = 64
 

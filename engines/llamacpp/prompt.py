@@ -1,4 +1,4 @@
-"""Prompts for the llama.cpp engine (llamacpp_engine.py): a request's text (the chat template
+"""Prompts for the llama.cpp engine (llamacpp/engine.py): a request's text (the chat template
 rendered in our sandbox, prompting.py; a fill-in-the-middle prompt; or the raw prompt) and its
 token ids, exactly as generation decodes them."""
 
@@ -9,14 +9,14 @@ from typing import Protocol
 
 import llama_cpp
 
-from .errors import UnsupportedRequestError
-from .prompt_tokens import PromptTokenizer
-from .prompting import ChatTemplate, TemplateError, build_fim_prompt, render_chat
-from .types import GenerationRequest
+from mlx_serve.engines.errors import UnsupportedRequestError
+from mlx_serve.engines.text.prompt_tokens import PromptTokenizer
+from mlx_serve.engines.text.prompting import ChatTemplate, TemplateError, build_fim_prompt, render_chat
+from mlx_serve.engines.types import GenerationRequest
 
 
 class PromptModel(Protocol):
-    """What prompt building needs of a loaded model (llamacpp_engine._Model)."""
+    """What prompt building needs of a loaded model (llamacpp.engine._Model)."""
 
     @property
     def llm(self) -> llama_cpp.Llama: ...

@@ -2,17 +2,17 @@
 
 Every call on the `Llama` object runs on the engine's own thread (it is not thread-safe). Prompts
 are rendered from the GGUF's chat template in our sandbox (prompting.py), never by llama-cpp-python's
-chat handlers, and tokenized in llamacpp_prompt.py. Decoding uses llama-cpp-python's context, batch
+chat handlers, and tokenized in llamacpp/prompt.py. Decoding uses llama-cpp-python's context, batch
 and sampler objects directly rather than `Llama.generate`, for three reasons: per-token logprobs
 without `logits_all` (which keeps an n_ctx x n_vocab float array), prompt-lookup drafts verified in
-one batch with only that batch's logits, and draft statistics for Usage (see llamacpp_decode.py).
-Loading, GGUF validation and the profile's llama.cpp settings live in llamacpp_load.py.
+one batch with only that batch's logits, and draft statistics for Usage (see llamacpp/decode.py).
+Loading, GGUF validation and the profile's llama.cpp settings live in llamacpp/load.py.
 
 With `max_concurrency = 1` (the default) requests run one at a time, FIFO, each as one job on the
 engine thread (`_produce`), with KV prefix reuse across requests (the context's own KV, and
-earlier prompts' KV kept in host memory, llamacpp_prefix_cache.py). With `max_concurrency = N > 1`
+earlier prompts' KV kept in host memory, llamacpp/prefix_cache.py). With `max_concurrency = N > 1`
 the context holds N sequences and requests decode together, joining and leaving between steps
-(continuous batching, llamacpp_batch.py). Embedding models never batch.
+(continuous batching, llamacpp/batch.py). Embedding models never batch.
 """
 
 from __future__ import annotations
@@ -30,26 +30,44 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+import mlx_serve.engines.llamacpp.prefix_disk as prefix_disk
+from mlx_serve.engines.errors import (
+    ContextOverflowError,
+    EngineNotLoadedError,
+    ModelLoadError,
+    UnsupportedRequestError,
+)
+from mlx_serve.engines.llamacpp.batch import BatchScheduler
+from mlx_serve.engines.llamacpp.decode import (
+    Decoder,
+    DraftStats,
+    Output,
+    Prepared,
+    forget_cache,
+    make_sampler,
+    plain_greedy,
+)
+from mlx_serve.engines.llamacpp.load import GGUFHeader, kv_cache_bytes, load_llama, sequences
+from mlx_serve.engines.llamacpp.prefix_cache import PrefixStore
+from mlx_serve.engines.llamacpp.prompt import build_prompt, prompt_tokenizer
+from mlx_serve.engines.sources.prefix_disk import store_dir
+from mlx_serve.engines.sources.resolve import gguf_file
+from mlx_serve.engines.text.constrained import JsonConstraint
+from mlx_serve.engines.text.prompt_tokens import PromptTokenizer
+from mlx_serve.engines.text.prompting import (
+    ChatTemplate,
+    TemplateError,
+    check_template,
+    fim_tokens_from_vocab,
+    tool_format_for,
+)
+from mlx_serve.engines.text.reasoning import ReasoningFormat, detect_reasoning
+from mlx_serve.engines.types import Capability, EngineInfo, Event, GenerationRequest, SamplingParams
+from mlx_serve.engines.worker import Emit, EngineThread
 from mlx_serve.profiles.schema import ModelSpec
 
-from . import llamacpp_prefix_disk as prefix_disk
-from .constrained import JsonConstraint
-from .errors import ContextOverflowError, EngineNotLoadedError, ModelLoadError, UnsupportedRequestError
-from .llamacpp_batch import BatchScheduler
-from .llamacpp_decode import Decoder, DraftStats, Output, Prepared, forget_cache, make_sampler, plain_greedy
-from .llamacpp_load import GGUFHeader, kv_cache_bytes, load_llama, sequences
-from .llamacpp_prefix_cache import PrefixStore
-from .llamacpp_prompt import build_prompt, prompt_tokenizer
-from .prefix_disk import store_dir
-from .prompt_tokens import PromptTokenizer
-from .prompting import ChatTemplate, TemplateError, check_template, fim_tokens_from_vocab, tool_format_for
-from .reasoning import ReasoningFormat, detect_reasoning
-from .sources import gguf_file
-from .types import Capability, EngineInfo, Event, GenerationRequest, SamplingParams
-from .worker import Emit, EngineThread
-
 # Used when neither the request nor the profile's [sampling] sets a value. Neutral, as in the MLX
-# engine (mlx_sampling.py): temperature 1.0 is the OpenAI/Anthropic default; top-k 0, top-p 1 and
+# engine (mlx/sampling.py): temperature 1.0 is the OpenAI/Anthropic default; top-k 0, top-p 1 and
 # min-p 0 are no-ops in llama.cpp's samplers. Profiles set per-model values.
 DEFAULT_SAMPLING: dict[str, Any] = {
     "temperature": 1.0,

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from mlx_serve.engines.llamacpp.decode import common_prefix
 from mlx_serve.profiles import schema
-
-from .llamacpp_decode import common_prefix
 
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 _U8P = ctypes.POINTER(ctypes.c_uint8)

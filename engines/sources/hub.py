@@ -30,11 +30,10 @@ import shutil
 import threading
 from pathlib import Path
 
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources.progress import Progress, format_bytes
+from mlx_serve.engines.sources.repo_files import parse_hub_source, plan_files
 from mlx_serve.profiles.schema import ModelSpec
-
-from .errors import ModelLoadError
-from .progress import Progress, format_bytes
-from .repo_files import parse_hub_source, plan_files
 
 log = logging.getLogger("mlx_serve.download")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")

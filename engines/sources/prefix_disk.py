@@ -14,9 +14,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_serve.engines.sources.paths import cache_dir
 from mlx_serve.profiles.schema import ModelSpec
-
-from .paths import cache_dir
 
 
 def replace_folder(folder: Path, write: Callable[[Path], int]) -> int:

@@ -3,7 +3,7 @@
 The token generators are mlx-lm's own (`generate_step`, `speculative_generate_step` for a draft
 model) or ours for prompt lookup; all yield (token, logprobs, from_draft). RequestOutput turns a
 request's tokens into its events (detokenizer, logprobs, the shared OutputPipeline for stop strings,
-reasoning and tool calls); the batch scheduler (mlx_batch) uses it too. `cancelled` is checked
+reasoning and tool calls); the batch scheduler (mlx.batch) uses it too. `cancelled` is checked
 after every token, so a closed stream stops within a token or two.
 """
 
@@ -22,18 +22,17 @@ from mlx_lm.generate import generate_step, generation_stream, speculative_genera
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from mlx_serve.engines.mlx.prefix_cache import PrefixCache
+from mlx_serve.engines.mlx.prompt_lookup import DraftCounters, prompt_lookup_generate_step
+from mlx_serve.engines.mlx.sampling import PENALTY_CONTEXT, ResolvedSampling, token_logprob
+from mlx_serve.engines.speculation_gate import StepCosts
+from mlx_serve.engines.text.constrained import JsonConstraint
+from mlx_serve.engines.text.postprocess import OutputPipeline
+from mlx_serve.engines.text.prompt_tokens import PromptTokenizer
+from mlx_serve.engines.text.reasoning import ReasoningFormat
+from mlx_serve.engines.text.toolcalls import ToolFormat
+from mlx_serve.engines.types import Finished, FinishReason, Usage
 from mlx_serve.profiles.schema import ModelSpec
-
-from .constrained import JsonConstraint
-from .mlx_prefix_cache import PrefixCache
-from .mlx_sampling import PENALTY_CONTEXT, ResolvedSampling, token_logprob
-from .postprocess import OutputPipeline
-from .prompt_lookup import DraftCounters, prompt_lookup_generate_step
-from .prompt_tokens import PromptTokenizer
-from .reasoning import ReasoningFormat
-from .speculation_gate import StepCosts
-from .toolcalls import ToolFormat
-from .types import Finished, FinishReason, Usage
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 KV_REFRESH_TOKENS = 16  # how often the running request's KV size is re-measured for memory_bytes()
@@ -53,7 +52,7 @@ class LoadedModel:
     fim_tokens: tuple[str, str, str] | None = None  # (prefix, suffix, middle) when the vocab has them
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     kv_bytes: int = 0  # KV cache of the running request, refreshed by the engine thread
-    prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx_prefix_cache)
+    prefix: PrefixCache | None = None  # KV caches of earlier requests, for reuse (mlx.prefix_cache)
     prefix_dir: Path | None = None  # where the prefix cache is saved on unload (prefix_cache.persist)
     step_costs: StepCosts = field(default_factory=StepCosts)  # a drafted token's cost (prompt lookup)
     prompt_tokens: PromptTokenizer | None = None  # tokenizes prompts reusing earlier prompts' ids
@@ -65,7 +64,7 @@ class EngineCounters:
 
     tokens_generated: int = 0  # every token the model produced, over all requests
     requests: int = 0
-    batch_peak: int = 0  # the most requests ever decoding together in one batch (mlx_batch)
+    batch_peak: int = 0  # the most requests ever decoding together in one batch (mlx.batch)
     load_thread: int | None = None
     generate_thread: int | None = None
 
@@ -200,7 +199,7 @@ class RequestOutput:
     """One request's generated tokens -> its events: EOS, streaming detokenizer, logprobs,
     OutputPipeline (stops, reasoning, tool calls), and the closing Finished with its usage.
 
-    Shared by the single-request path (run_generation) and the batch scheduler (mlx_batch); runs on
+    Shared by the single-request path (run_generation) and the batch scheduler (mlx.batch); runs on
     the engine thread. The caller counts `completion` (every token the model produced for it).
     """
 

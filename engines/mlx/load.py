@@ -15,11 +15,10 @@ import mlx.core as mx
 import mlx_lm
 from mlx.utils import tree_reduce
 
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources.resolve import mlx_model_dir
+from mlx_serve.engines.text.prompting import ChatTemplate, TemplateError, check_template
 from mlx_serve.profiles.schema import ModelSpec
-
-from .errors import ModelLoadError
-from .prompting import ChatTemplate, TemplateError, check_template
-from .sources import mlx_model_dir
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 

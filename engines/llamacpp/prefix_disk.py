@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .llamacpp_prefix_cache import PrefixStore
-from .prefix_disk import replace_folder
+from mlx_serve.engines.llamacpp.prefix_cache import PrefixStore
+from mlx_serve.engines.sources.prefix_disk import replace_folder
 
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 

@@ -30,8 +30,8 @@ from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from .ngram_index import NgramIndex
-from .speculation_gate import SpeculationGate, StepCosts, shadow_check
+from mlx_serve.engines.ngram_index import NgramIndex
+from mlx_serve.engines.speculation_gate import SpeculationGate, StepCosts, shadow_check
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

@@ -21,8 +21,8 @@ import secrets
 from enum import StrEnum
 from typing import Any
 
-from .stops import partial_suffix_len
-from .types import TextDelta, ToolCall, ToolCallEvent
+from mlx_serve.engines.text.stops import partial_suffix_len
+from mlx_serve.engines.types import TextDelta, ToolCall, ToolCallEvent
 
 ToolEvent = TextDelta | ToolCallEvent
 

@@ -1,4 +1,4 @@
-"""The batch scheduler's slots (llamacpp_batch.py): which sequence of the context a request takes,
+"""The batch scheduler's slots (llamacpp/batch.py): which sequence of the context a request takes,
 and what KV each sequence keeps. Slot i owns sequence id i.
 
 Prefix reuse, per sequence: a slot keeps the KV of its last request (finished or cancelled); in
@@ -7,7 +7,7 @@ prompt prefix if that covers half its prompt, drops the rest of that sequence
 (llama_memory_seq_rm) and decodes only what differs (editors resend nearly the same prompt). Else
 it takes the free slot that keeps the running sequence ids most contiguous (llama.cpp decodes one
 pass per run of consecutive ids), empty and least recently used first. Beyond the slots, the
-prefix store (llamacpp_prefix_cache.py) keeps the KV a slot is about to lose in host memory and
+prefix store (llamacpp/prefix_cache.py) keeps the KV a slot is about to lose in host memory and
 restores it into a slot when it shares more with a new prompt than any free slot does.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from . import llamacpp_decode as dec
-from .llamacpp_prefix_cache import PrefixStore
+import mlx_serve.engines.llamacpp.decode as dec
+from mlx_serve.engines.llamacpp.prefix_cache import PrefixStore
 
 
 @dataclass(eq=False)

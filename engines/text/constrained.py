@@ -15,7 +15,7 @@ API
   / `JsonConstraint.for_llama(llm, response_format)` (these return None when response_format asks for
   nothing). One per request: it is stateful and not thread-safe.
 
-Integration, MLX (mlx_generation.token_stream): the constraint IS an mlx-lm logits processor
+Integration, MLX (mlx.generation.token_stream): the constraint IS an mlx-lm logits processor
 `processor(tokens, logits) -> logits`; put it last, after the penalty processors::
 
     constraint = JsonConstraint.for_mlx(loaded.tokenizer, request.response_format)  # in _plan: a
@@ -29,7 +29,7 @@ prompt_lookup_generate_step: each call re-syncs the matcher to the token history
 only the tokenizer's EOS ids (`tokenizer.eos_token_ids`), so the existing `token in eos` check ends
 the generation with "stop"; `constraint.is_finished()` tells the same thing a step earlier.
 
-Integration, llama.cpp (llamacpp_decode.Decoder.tokens, which samples from the context's logits
+Integration, llama.cpp (llamacpp.decode.Decoder.tokens, which samples from the context's logits
 with a LlamaSampler chain): mask the logits llama.cpp holds in place before sampling that batch row,
 then report the sampled token::
 
@@ -70,9 +70,9 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from .errors import EngineError, UnsupportedRequestError
+from mlx_serve.engines.errors import EngineError, UnsupportedRequestError
 
-log = logging.getLogger("mlx_serve.engines.constrained")
+log = logging.getLogger("mlx_serve.engines.text.constrained")
 
 # Whitespace allowed between JSON tokens: at most one line break plus indentation. Pretty-printed
 # JSON (any indent up to 48 columns) still fits, but a model cannot loop on blank lines or spaces

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from mlx_serve.engines.mlx.prefix_cache import PrefixCache, view
+from mlx_serve.engines.sources.prefix_disk import replace_folder, store_dir
 from mlx_serve.profiles.schema import ModelSpec
-
-from .mlx_prefix_cache import PrefixCache, view
-from .prefix_disk import replace_folder, store_dir
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 

@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .repo_files import gguf_groups, select_gguf
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources.repo_files import gguf_groups, select_gguf
 
 ENV_ROOTS = "MLX_SERVE_LMSTUDIO_MODELS"
 

@@ -1,7 +1,7 @@
 """Loading GGUF files into llama-cpp-python safely, and the settings the profile asks for.
 
 A crash inside the native loader would take the whole daemon down, so every file is checked in
-pure Python first (gguf_checks.py): its structure (`read_gguf_header`: magic, version, metadata,
+pure Python first (sources/gguf.py): its structure (`read_gguf_header`: magic, version, metadata,
 tensor table, every tensor's data inside the file), then what llama.cpp would abort on while
 loading it (`check_loadable`: layer, head and expert counts, the vocabulary, the trained context).
 llama.cpp's own failures (e.g. an unknown architecture) raise a plain ValueError from `Llama(...)`;
@@ -24,10 +24,9 @@ from typing import Any
 import llama_cpp
 from llama_cpp._internals import LlamaContext
 
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources.gguf import GGUFFormatError, GGUFHeader, check_loadable, read_gguf_header
 from mlx_serve.profiles.schema import ModelSpec
-
-from .errors import ModelLoadError
-from .gguf_checks import GGUFFormatError, GGUFHeader, check_loadable, read_gguf_header
 
 log = logging.getLogger("mlx_serve.engines.llama_cpp")
 
@@ -218,7 +217,7 @@ def use_sequences(llm: llama_cpp.Llama, n_seq: int) -> None:
     short contexts about equal (unified ~9% cheaper at batch 8). Split decode is also batch-invariant
     (each sequence's attention is its own one-row matmul), so batched greedy output equals solo.
     A step's sequence ids should be contiguous: llama.cpp splits a batch into one pass per run of
-    consecutive ids (llamacpp_slots.py picks slots accordingly).
+    consecutive ids (llamacpp/slots.py picks slots accordingly).
     The Llama keeps its own `context_params` (the per-sequence n_ctx the engine reports); the new
     context is freed with the model (LlamaContext registers itself on the model's exit stack)."""
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)

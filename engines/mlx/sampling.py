@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
+from mlx_serve.engines.types import SamplingParams, TokenLogprob
 from mlx_serve.profiles.schema import Sampling
-
-from .types import SamplingParams, TokenLogprob
 
 # Used when neither the request nor the profile says. 1.0 is the OpenAI and Anthropic default;
 # profiles set `sampling.temperature` per model (e.g. 0 for autocomplete).
@@ -42,7 +41,7 @@ class ResolvedSampling:
         return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def batch_sampler(self) -> Callable[[mx.array], mx.array]:
-        """The sampler for a request decoded in a batch (mlx_batch).
+        """The sampler for a request decoded in a batch (mlx.batch).
 
         Like sampler(), except with a seed: the global MLX seed that the single-request path sets
         is shared by the whole batch, so a seeded request draws from its own random key instead.

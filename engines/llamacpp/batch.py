@@ -1,6 +1,6 @@
 """Continuous batching for the llama.cpp engine (profile `max_concurrency = N > 1`).
 
-One llama_context holds N sequences, each in its own KV stream (llamacpp_load.use_sequences
+One llama_context holds N sequences, each in its own KV stream (llamacpp.load.use_sequences
 explains why not one unified cache); slot i owns sequence id i. The BatchScheduler runs as ONE job
 on the engine thread while it has work; with nothing left it returns, so the thread can run other
 jobs (unload). Each step it
@@ -15,7 +15,7 @@ jobs (unload). Each step it
      logprobs, stop strings and OutputPipeline, and hands all events of the step to the event
      loop in one post to its Handoff (worker.py: one wake-up at most, paced while busy).
 
-Slot choice and prefix reuse across requests (slots and the prefix store): llamacpp_slots.py.
+Slot choice and prefix reuse across requests (slots and the prefix store): llamacpp/slots.py.
 
 Prompt lookup drafts only while a sequence is alone (with others in the batch, drafts would slow
 everyone down) and only as much as its SpeculationGate expects to pay (its acceptance, measured
@@ -42,16 +42,15 @@ from typing import Any, TypeVar
 import llama_cpp
 from llama_cpp._internals import LlamaBatch
 
+import mlx_serve.engines.llamacpp.decode as dec
+from mlx_serve.engines.errors import EngineError, EngineNotLoadedError
+from mlx_serve.engines.llamacpp.prefix_cache import PrefixStore
+from mlx_serve.engines.llamacpp.slots import Slot, Slots
+from mlx_serve.engines.ngram_index import NgramIndex
+from mlx_serve.engines.speculation_gate import SpeculationGate, shadow_check
+from mlx_serve.engines.types import Event, Finished
+from mlx_serve.engines.worker import Failure, Receiver, post_by_loop
 from mlx_serve.profiles.schema import PromptLookup
-
-from . import llamacpp_decode as dec
-from .errors import EngineError, EngineNotLoadedError
-from .llamacpp_prefix_cache import PrefixStore
-from .llamacpp_slots import Slot, Slots
-from .ngram_index import NgramIndex
-from .speculation_gate import SpeculationGate, shadow_check
-from .types import Event, Finished
-from .worker import Failure, Receiver, post_by_loop
 
 T = TypeVar("T")
 PREFILL_SECONDS = 0.1  # prompt reading per step while other sequences decode (their added latency)
@@ -238,7 +237,7 @@ class BatchScheduler:
             self._outbox.append((client, Failure(exc)))
 
     def _take_slot(self, seq: _Sequence) -> bool:
-        """Seat `seq` in a free slot (llamacpp_slots.py chooses it); False when all are busy."""
+        """Seat `seq` in a free slot (llamacpp/slots.py chooses it); False when all are busy."""
         slot = self._slots.assign(seq.prep.tokens)
         if slot is None:
             return False

@@ -1,12 +1,12 @@
 """Model sources: where a profile model's files come from, resolved to local paths.
 
 `package:PKG/FILE` (a file shipped inside an installed Python package, e.g. the embedded default
-model), `lmstudio:PUBLISHER/MODEL[/FILE.gguf]` (LM Studio's model folder, engines/lmstudio.py), a
+model), `lmstudio:PUBLISHER/MODEL[/FILE.gguf]` (LM Studio's model folder, engines/sources/lmstudio.py), a
 local file or folder, or a Hugging Face repo id (`org/name`, `org/name/FILE.gguf`; the standard HF
-cache, engines/hub.py).
+cache, engines/sources/hub.py).
 
-For the MLX engine the result is then made loadable and cached (engines/cache.py):
-- a GGUF source is converted to an MLX folder (ARCHITECTURE.md "Test models"; engines/gguf_to_mlx.py);
+For the MLX engine the result is then made loadable and cached (engines/sources/cache.py):
+- a GGUF source is converted to an MLX folder (ARCHITECTURE.md "Test models"; engines/sources/gguf_to_mlx.py);
 - `quantize = "q4" | "q8" | "mixed_4_6" | "mixed_3_6"` (with `group_size`, default 64) quantizes a
   full-precision model with mlx-lm's own conversion (`mlx_lm.convert.convert`), on first load.
 Cache keys hash the source's fingerprint (its resolved path, which for a hub model holds the commit,
@@ -21,11 +21,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import mlx_serve.engines.sources.cache as cache
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.factory import engine_kind
 from mlx_serve.profiles.schema import ModelSpec
-
-from . import cache
-from .errors import ModelLoadError
-from .factory import engine_kind
 
 GGUF_MLX_RECIPE = "gguf-to-mlx-v1"
 QUANT_RECIPE_VERSION = "mlx-lm-convert-v1"
@@ -52,7 +51,7 @@ def resolve_source(model_id: str, spec: ModelSpec) -> Path:
     if source.startswith("package:"):
         return _package_file(model_id, source.removeprefix("package:"))
     if source.startswith("lmstudio:"):
-        from .lmstudio import resolve_lmstudio
+        from mlx_serve.engines.sources.lmstudio import resolve_lmstudio
 
         return resolve_lmstudio(model_id, source.removeprefix("lmstudio:"), spec.gguf_quant)
     if is_local_source(source):
@@ -60,7 +59,9 @@ def resolve_source(model_id: str, spec: ModelSpec) -> Path:
         if not path.exists():
             raise ModelLoadError(model_id, f"source {path.name!r} does not exist")
         return path
-    from .hub import fetch_repo  # huggingface_hub import is slow; only pay for it when needed
+    from mlx_serve.engines.sources.hub import (
+        fetch_repo,  # huggingface_hub import is slow; only pay for it when needed
+    )
 
     return fetch_repo(model_id, spec)
 
@@ -68,7 +69,7 @@ def resolve_source(model_id: str, spec: ModelSpec) -> Path:
 def cached_source(model_id: str, spec: ModelSpec) -> Path | None:
     """resolve_source without any download: None when a hub model is not fully cached or a path is missing."""
     if is_hub_source(spec.source):
-        from .hub import cached_repo
+        from mlx_serve.engines.sources.hub import cached_repo
 
         return cached_repo(model_id, spec)
     try:
@@ -162,7 +163,7 @@ def _mlx_base(model_id: str, path: Path) -> Path:
             model_id,
             f'{path.name} is a split GGUF, which cannot be converted to MLX; use engine = "llama_cpp"',
         )
-    from .gguf_to_mlx import GGUFConversionError, convert_gguf_to_mlx
+    from mlx_serve.engines.sources.gguf_to_mlx import GGUFConversionError, convert_gguf_to_mlx
 
     def build(out: Path) -> None:
         try:
@@ -221,7 +222,7 @@ def prepare(model_id: str, spec: ModelSpec, refresh: bool = False) -> Path:
     """Everything a load needs, on disk: download (refresh=True re-checks a hub branch), convert, quantize.
     Returns what the engine will open. MLX work runs on the calling thread (ARCHITECTURE.md "Verified facts")."""
     if is_hub_source(spec.source):
-        from .hub import fetch_repo
+        from mlx_serve.engines.sources.hub import fetch_repo
 
         fetch_repo(model_id, spec, refresh=refresh)
     if engine_kind(spec) == "mlx":

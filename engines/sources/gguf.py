@@ -11,7 +11,7 @@ milliseconds beyond its vocabulary):
   `blk.N.` tensors, head and expert counts, the vocabulary (duplicate texts abort it), the lengths
   of the per-token arrays and a trained context it cannot represent.
 
-Both raise GGUFFormatError with a sentence naming the key and the problem; llamacpp_load.py turns
+Both raise GGUFFormatError with a sentence naming the key and the problem; llamacpp/load.py turns
 it into the model's ModelLoadError.
 """
 

@@ -1,7 +1,7 @@
 """Continuous batching for the MLX engine: the requests to one model decode in one forward pass.
 
 Used when a model's `max_concurrency` is above 1 (see `single_request_reason` for the settings that
-keep a model on the one-request-at-a-time path of mlx_generation). Built on mlx-lm's own
+keep a model on the one-request-at-a-time path of mlx.generation). Built on mlx-lm's own
 `BatchGenerator`, which already takes one sampler, one list of logits processors, one max_tokens
 and one set of stop tokens per sequence, joins and drops sequences between steps (`insert`,
 `remove`) and prefills new prompts in chunks of `prefill_step_size` tokens between decode steps.
@@ -39,9 +39,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from mlx_serve.profiles.schema import ModelSpec
-
-from .mlx_generation import (
+from mlx_serve.engines.mlx.generation import (
     KV_REFRESH_TOKENS,
     DecodePlan,
     EngineCounters,
@@ -49,8 +47,9 @@ from .mlx_generation import (
     RequestOutput,
     keep_prefix,
 )
-from .types import Event, Finished, Usage
-from .worker import EngineThread, Receiver, post_by_loop
+from mlx_serve.engines.types import Event, Finished, Usage
+from mlx_serve.engines.worker import EngineThread, Receiver, post_by_loop
+from mlx_serve.profiles.schema import ModelSpec
 
 log = logging.getLogger("mlx_serve.engines.mlx")
 Processor = Callable[[mx.array, mx.array], mx.array]

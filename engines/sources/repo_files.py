@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_serve.engines.errors import ModelLoadError
 from mlx_serve.profiles.schema import ModelSpec
-
-from .errors import ModelLoadError
 
 # mlx-lm's DEFAULT_ALLOW_PATTERNS minus *.py (remote code is never run); top-level files only.
 MLX_PATTERNS = (

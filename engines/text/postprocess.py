@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .reasoning import ReasoningFormat, ReasoningSplitter
-from .stops import StopMatcher
-from .toolcalls import ToolCallParser, ToolFormat
-from .types import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCallEvent
+from mlx_serve.engines.text.reasoning import ReasoningFormat, ReasoningSplitter
+from mlx_serve.engines.text.stops import StopMatcher
+from mlx_serve.engines.text.toolcalls import ToolCallParser, ToolFormat
+from mlx_serve.engines.types import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCallEvent
 
 
 class OutputPipeline:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .stops import partial_suffix_len
-from .types import ReasoningDelta, TextDelta
+from mlx_serve.engines.text.stops import partial_suffix_len
+from mlx_serve.engines.types import ReasoningDelta, TextDelta
 
 ReasoningEvent = TextDelta | ReasoningDelta
 

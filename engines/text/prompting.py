@@ -2,7 +2,7 @@
 
 Chat templates come from model files, which are untrusted: they render in Jinja's immutable
 sandbox (CVE-2024-34359 was a template reaching Python internals through llama-cpp-python),
-bounded in time and size (engines/template_render.py), and `check_template` renders a probe
+bounded in time and size (engines/text/template_render.py), and `check_template` renders a probe
 conversation at load time so a hostile or broken template fails the load with a clear reason
 instead of failing every request.
 """
@@ -14,10 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .template_render import TemplateError as TemplateError  # re-exported: callers import it here
-from .template_render import render
-from .toolcalls import ToolFormat, detect_tool_format
-from .types import Message, ToolSpec
+from mlx_serve.engines.text.template_render import (
+    TemplateError as TemplateError,  # re-exported: callers import it here
+)
+from mlx_serve.engines.text.template_render import render
+from mlx_serve.engines.text.toolcalls import ToolFormat, detect_tool_format
+from mlx_serve.engines.types import Message, ToolSpec
 
 # (prefix, suffix, middle) token families, prefix-suffix-middle order.
 FIM_FAMILIES: tuple[tuple[str, str, str], ...] = (

@@ -5,7 +5,7 @@ Each entry is built in a temporary folder next to it and renamed into place, wit
 (written last) that records the recipe and every file's size. An entry whose marker, config.json or a
 weight file is missing, or whose file sizes changed (deleted or corrupted by hand), is rebuilt on the
 next use. A file lock per entry keeps two loads (threads or processes) from building it twice.
-Downloads are not here: they live in the standard Hugging Face cache (engines/hub.py).
+Downloads are not here: they live in the standard Hugging Face cache (engines/sources/hub.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import cache_dir
+from mlx_serve.engines.sources.paths import cache_dir
 
 log = logging.getLogger("mlx_serve.cache")
 KINDS = ("gguf-mlx", "quantized")

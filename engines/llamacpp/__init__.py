@@ -1,0 +1,1 @@
+"""The llama.cpp engine (llama-cpp-python): load, decode, batched sequences, prefix caches."""

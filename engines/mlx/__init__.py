@@ -1,0 +1,1 @@
+"""The MLX engine (mlx-lm): load, generation, continuous batching, prefix caches, prompt lookup."""
