@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.sources.progress import (
     DownloadEvent,
     add_progress_listener,

@@ -28,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mlx_serve.apis.generation import GenerationStats
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.sources.progress import DownloadEvent, add_progress_listener
 from mlx_serve.engines.types import FinishReason
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 
 from .redact import redact_home
 from .registry import Registry

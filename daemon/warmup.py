@@ -13,7 +13,7 @@ import importlib
 import logging
 import threading
 
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.profiles.schema import Profile
 
 log = logging.getLogger("mlx_serve.warmup")

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import platform
-import sys
 from collections.abc import Mapping
 
 from mlx_serve.engines.base import Engine
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.profiles.schema import ModelSpec
-
-
-def is_apple_silicon() -> bool:
-    return sys.platform == "darwin" and platform.machine() == "arm64"
-
-
-def engine_kind(spec: ModelSpec) -> str:
-    """'mlx' or 'llama_cpp'. auto: MLX on Apple Silicon; elsewhere llama.cpp for GGUF sources."""
-    if spec.engine != "auto":
-        return spec.engine
-    if spec.is_gguf and not is_apple_silicon():
-        return "llama_cpp"
-    return "mlx"
 
 
 def create_engine(model_id: str, spec: ModelSpec, models: Mapping[str, ModelSpec]) -> Engine:

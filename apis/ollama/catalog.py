@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.text.prompting import fim_tokens_from_vocab
 from mlx_serve.engines.types import EngineInfo
 

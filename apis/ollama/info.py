@@ -18,7 +18,7 @@ from mlx_serve.apis.body import read_body
 from mlx_serve.apis.context import registry as get_registry
 from mlx_serve.apis.errors import RequestError
 from mlx_serve.apis.scope import model_visible
-from mlx_serve.engines.factory import is_apple_silicon
+from mlx_serve.engines.kind import is_apple_silicon
 from mlx_serve.engines.types import EngineInfo
 
 from .catalog import ModelFacts, details, listed_names, show_body, static_facts, tagged, with_engine

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from mlx_serve.engines.errors import ContextOverflowError
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.types import Event, Finished
 
 from .. import sse

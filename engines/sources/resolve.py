@@ -23,7 +23,7 @@ from typing import Any
 
 import mlx_serve.engines.sources.cache as cache
 from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.factory import engine_kind
+from mlx_serve.engines.kind import engine_kind
 from mlx_serve.profiles.schema import ModelSpec
 
 GGUF_MLX_RECIPE = "gguf-to-mlx-v1"
