@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
+from mlx_serve.apis.redact import redact_home
 from mlx_serve.daemon.errors import (
     InsufficientMemoryError,
     ModelUnavailableError,
@@ -14,7 +15,6 @@ from mlx_serve.daemon.errors import (
     ShuttingDownError,
     UnknownModelError,
 )
-from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.errors import ContextOverflowError, ModelLoadError, UnsupportedRequestError
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
+from mlx_serve.apis.redact import redact_home
 from mlx_serve.daemon.admission import INTERACTIVE, NORMAL
-from mlx_serve.daemon.redact import redact_home
 from mlx_serve.engines.types import (
     Event,
     Finished,

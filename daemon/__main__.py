@@ -1,5 +1,5 @@
 import sys
 
-from .entry import main
+from mlx_serve.daemon.entry import main
 
 sys.exit(main())

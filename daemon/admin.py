@@ -10,11 +10,10 @@ import time
 from aiohttp import web
 
 from mlx_serve.apis.context import REGISTRY
-
-from . import __version__
-from .reloader import Reloader
-from .state import DaemonState
-from .status import models_status
+from mlx_serve.daemon import __version__
+from mlx_serve.daemon.reloader import Reloader
+from mlx_serve.daemon.state import DaemonState
+from mlx_serve.daemon.status import models_status
 
 STATE: web.AppKey[DaemonState] = web.AppKey("admin_state", DaemonState)
 RELOADER: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)

@@ -12,15 +12,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mlx_serve.apis.context import FIM_TASKS, GENERATION_OBSERVERS, REGISTRY, RESPONSE_STORE
 from mlx_serve.apis.errors import ErrorInfo, classify, dialect_for_path, error_response
-
-from . import __version__
-from .auth import auth_middleware, setup_auth
-from .hardening import hardening_middleware, setup_hardening
-from .metrics import Metrics, endpoint_of, status_class
-from .registry import Registry
-from .state import DaemonState
-from .status import models_status
-from .warmup import EngineWarmup
+from mlx_serve.daemon import __version__
+from mlx_serve.daemon.metrics import Metrics, endpoint_of, status_class
+from mlx_serve.daemon.registry import Registry
+from mlx_serve.daemon.security.hardening import hardening_middleware, setup_hardening
+from mlx_serve.daemon.security.middleware import auth_middleware, setup_auth
+from mlx_serve.daemon.state import DaemonState
+from mlx_serve.daemon.status import models_status
+from mlx_serve.daemon.warmup import EngineWarmup
 
 log = logging.getLogger("mlx_serve.app")
 STATE = web.AppKey("state", DaemonState)

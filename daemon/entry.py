@@ -22,7 +22,7 @@ VARIABLE = "PYTHONMALLOC"
 def main() -> int:
     if sys.argv[1:2] == ["serve"]:
         exec_with_c_allocator()
-    from .cli import main as cli_main
+    from mlx_serve.daemon.cli.main import main as cli_main
 
     return cli_main()
 

@@ -28,14 +28,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mlx_serve.apis.generation import GenerationStats
+from mlx_serve.daemon import __version__
+from mlx_serve.daemon.registry import Registry
+from mlx_serve.daemon.slot import Slot, SlotState
+from mlx_serve.daemon.state import DaemonState
 from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.sources.progress import DownloadEvent, add_progress_listener
 from mlx_serve.engines.types import FinishReason
-
-from . import __version__
-from .registry import Registry
-from .slot import Slot, SlotState
-from .state import DaemonState
 
 disable_created_metrics()  # *_created series double the output and no dashboard uses them
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
@@ -46,7 +45,7 @@ TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # Ollama's manual unload); anything unexpected is "other" rather than a new free-form label value.
 UNLOAD_REASONS = ("ttl", "pressure", "reload", "removed", "manual", "shutdown")
 _UNLOAD_ALIASES = {"keep_alive 0": "manual"}
-# Auth failure reasons (daemon/auth.py's AuthFailure reasons and daemon/hardening.py's refusals)
+# Auth failure reasons (daemon/security/middleware.py's AuthFailure reasons and daemon/security/hardening.py's refusals)
 # are exported at 0 from the start, so dashboards and alerts see the series before the first one.
 AUTH_FAILURE_REASONS = (
     "missing",

@@ -19,24 +19,23 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from mlx_serve.engines.base import Engine
-from mlx_serve.engines.errors import ModelLoadError
-from mlx_serve.engines.sources.resolve import resolve_source
-from mlx_serve.profiles.diff import ReloadPlan, diff
-from mlx_serve.profiles.schema import ModelSpec, Profile
-from mlx_serve.profiles.units import parse_size
-
-from .admission import NORMAL
-from .errors import (
+from mlx_serve.daemon.admission import NORMAL
+from mlx_serve.daemon.errors import (
     InsufficientMemoryError,
     ModelUnavailableError,
     QueueFullError,
     ShuttingDownError,
     UnknownModelError,
 )
-from .eviction import Resident, plan_eviction
-from .memory import release_memory
-from .slot import Slot, SlotState, estimate_bytes, total_memory
+from mlx_serve.daemon.eviction import Resident, plan_eviction
+from mlx_serve.daemon.memory import release_memory
+from mlx_serve.daemon.slot import Slot, SlotState, estimate_bytes, total_memory
+from mlx_serve.engines.base import Engine
+from mlx_serve.engines.errors import ModelLoadError
+from mlx_serve.engines.sources.resolve import resolve_source
+from mlx_serve.profiles.diff import ReloadPlan, diff
+from mlx_serve.profiles.schema import ModelSpec, Profile
+from mlx_serve.profiles.units import parse_size
 
 log = logging.getLogger("mlx_serve.registry")
 EngineFactory = Callable[[str, ModelSpec, Mapping[str, ModelSpec]], Engine]

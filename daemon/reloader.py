@@ -22,10 +22,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from mlx_serve.daemon.registry import Registry
+from mlx_serve.daemon.state import DaemonState
 from mlx_serve.profiles.loader import DEFAULT_PROFILE_PATH, ProfileError, parse_profile
-
-from .registry import Registry
-from .state import DaemonState
 
 log = logging.getLogger("mlx_serve.reloader")
 DEBOUNCE_SECONDS = 0.25

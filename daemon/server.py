@@ -14,17 +14,16 @@ import signal
 
 from aiohttp import web
 
+from mlx_serve.daemon.admin import add_admin_routes
+from mlx_serve.daemon.app import WARMUP, create_app, create_metrics_app
+from mlx_serve.daemon.listener import Address, Listener, MetricsListener
+from mlx_serve.daemon.metrics import Metrics
+from mlx_serve.daemon.registry import Registry
+from mlx_serve.daemon.reloader import Reloader
+from mlx_serve.daemon.security.middleware import VERIFIER, unauthenticated_network_problem
+from mlx_serve.daemon.state import DaemonState
 from mlx_serve.profiles.loader import ProfileError, load_profile, server_of_invalid
 from mlx_serve.profiles.schema import Profile, Server
-
-from .admin import add_admin_routes
-from .app import WARMUP, create_app, create_metrics_app
-from .auth import VERIFIER, unauthenticated_network_problem
-from .listener import Address, Listener, MetricsListener
-from .metrics import Metrics
-from .registry import Registry
-from .reloader import Reloader
-from .state import DaemonState
 
 log = logging.getLogger("mlx_serve.server")
 DEFAULT_PORT = 11435

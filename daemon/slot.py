@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from mlx_serve.daemon.admission import PriorityGate
 from mlx_serve.engines.base import Engine
 from mlx_serve.engines.errors import EngineError
 from mlx_serve.profiles.schema import ModelSpec
-
-from .admission import PriorityGate
 
 BACKOFF_SECONDS = (1.0, 5.0, 15.0, 60.0)
 

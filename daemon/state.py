@@ -6,10 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_serve.apis.redact import redact_home
 from mlx_serve.profiles.loader import LoadedProfile, Problem
 from mlx_serve.profiles.schema import Profile
-
-from .redact import redact_home
 
 
 @dataclass
@@ -46,7 +45,7 @@ class DaemonState:
         )
 
     def profile_report(self) -> dict[str, Any]:
-        """For /health, /ready, /status: the home directory shows as ~ (daemon/redact.py)."""
+        """For /health, /ready, /status: the home directory shows as ~ (apis/redact.py)."""
         return {
             "path": redact_home(self.profile_label),
             "sha256": self.loaded.sha256 if self.loaded else None,

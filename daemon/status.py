@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mlx_serve.apis.redact import redact_home
+from mlx_serve.daemon.registry import Registry
+from mlx_serve.daemon.slot import Slot, SlotState
 from mlx_serve.engines.kind import engine_kind
-
-from .redact import redact_home
-from .registry import Registry
-from .slot import Slot, SlotState
 
 
 def slot_status(slot: Slot) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from mlx_serve.daemon.cli import main as cli_main
+from mlx_serve.daemon.cli.main import main as cli_main
 from mlx_serve.daemon.monitoring import ALERT_RULES, ASSETS, DASHBOARD, SCRAPE_CONFIG, asset_text
 from mlx_serve_test_harness import Daemon, free_port, profile_text  # loaded by conftest.py
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import mlx_serve_test_harness as harness
-from mlx_serve.daemon.doctor import wired_verdict
+from mlx_serve.daemon.cli.checks import wired_verdict
 from mlx_serve.launchd import logrotate
 from mlx_serve.launchd.plist import LABEL, REQUIRED_KEYS
 from mlx_serve.launchd.systemd import read_installed_unit

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mlx_serve.daemon.cli import main as cli_main
+from mlx_serve.daemon.cli.main import main as cli_main
 from mlx_serve.engines.errors import ModelLoadError
 from mlx_serve.engines.sources.hub import cached_repo, fetch_repo
 from mlx_serve.engines.sources.lmstudio import discover, resolve_lmstudio

@@ -20,7 +20,7 @@ from mlx_serve.apis.context import registry as get_registry
 from mlx_serve.apis.corked import CorkedStreamResponse
 from mlx_serve.apis.errors import RequestError, classify
 from mlx_serve.apis.generation import collect, open_generation
-from mlx_serve.daemon.redact import redact_home
+from mlx_serve.apis.redact import redact_home
 from mlx_serve.engines.types import Event, Finished, GenerationRequest
 from mlx_serve.profiles.units import parse_duration
 

@@ -34,10 +34,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mlx_serve.apis.errors import ErrorInfo, dialect_for_path, error_response
+from mlx_serve.daemon.metrics import Metrics
+from mlx_serve.daemon.state import DaemonState
 from mlx_serve.profiles.schema import Profile
-
-from .metrics import Metrics
-from .state import DaemonState
 
 log = logging.getLogger("mlx_serve.hardening")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
+from mlx_serve.daemon.cli.admin import daemon_url
 from mlx_serve.engines.errors import ModelLoadError
 from mlx_serve.engines.kind import engine_kind
 from mlx_serve.engines.sources.progress import (
@@ -34,8 +35,6 @@ from mlx_serve.engines.sources.resolve import (
 )
 from mlx_serve.profiles.loader import ProfileError, load_profile
 from mlx_serve.profiles.schema import ModelSpec, Profile
-
-from .cli_admin import daemon_url
 
 
 def add_models_commands(commands: argparse._SubParsersAction) -> None:

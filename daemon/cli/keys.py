@@ -16,10 +16,9 @@ import urllib.request
 from datetime import date, datetime
 from typing import Any
 
+from mlx_serve.daemon.cli.admin import daemon_url
+from mlx_serve.daemon.security.keys import DIALECTS, KeyRecord, KeyStore, KeyStoreError, KeyStoreUnavailable
 from mlx_serve.profiles.loader import ProfileError, load_profile
-
-from .cli_admin import daemon_url
-from .keys import DIALECTS, KeyRecord, KeyStore, KeyStoreError, KeyStoreUnavailable
 
 
 def add_keys_commands(commands: argparse._SubParsersAction) -> None:

@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlx_serve.daemon.monitoring import ASSETS, ScrapeTarget, export, target_from_profile
 from mlx_serve.profiles.loader import DEFAULT_PROFILE_PATH, ProfileError, load_profile
-
-from .monitoring import ASSETS, ScrapeTarget, export, target_from_profile
 
 
 def add_monitoring_commands(commands: argparse._SubParsersAction) -> None:

@@ -6,15 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .cli_admin import add_admin_commands
-from .cli_config import add_config_commands
-from .cli_doctor import add_doctor_command
-from .cli_keys import add_keys_commands
-from .cli_models import add_models_commands
-from .cli_monitoring import add_monitoring_commands
-from .cli_serve import add_serve_command
-from .cli_service import add_service_commands
+from mlx_serve.daemon import __version__
+from mlx_serve.daemon.cli.admin import add_admin_commands
+from mlx_serve.daemon.cli.config import add_config_commands
+from mlx_serve.daemon.cli.doctor import add_doctor_command
+from mlx_serve.daemon.cli.keys import add_keys_commands
+from mlx_serve.daemon.cli.models import add_models_commands
+from mlx_serve.daemon.cli.monitoring import add_monitoring_commands
+from mlx_serve.daemon.cli.serve import add_serve_command
+from mlx_serve.daemon.cli.service import add_service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,11 +20,10 @@ from aiohttp import web
 from mlx_serve.apis.context import REGISTRY
 from mlx_serve.apis.errors import dialect_for_path
 from mlx_serve.apis.scope import MODEL_SCOPE
-
-from .admin import is_loopback
-from .auth_keyset import KeySet
-from .keys import MAX_SECRET_CHARS, KeyRecord, digest_of
-from .metrics import Metrics
+from mlx_serve.daemon.admin import is_loopback
+from mlx_serve.daemon.metrics import Metrics
+from mlx_serve.daemon.security.keys import MAX_SECRET_CHARS, KeyRecord, digest_of
+from mlx_serve.daemon.security.keyset import KeySet
 
 EXEMPT_ON_LOOPBACK = frozenset({"/health", "/ready", "/status", "/reload", "/keys/refresh", "/keys/status"})
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mlx_serve.daemon.cli.checks import Check, Context, run_checks
 from mlx_serve.launchd.service import MANAGERS
 from mlx_serve.profiles.loader import DEFAULT_PROFILE_PATH
-
-from .doctor import Check, Context, run_checks
 
 
 def add_doctor_command(commands: argparse._SubParsersAction) -> None:

@@ -1,10 +1,10 @@
 """API keys in the daemon: the aiohttp wiring (middleware, /keys/refresh, /keys/status).
 
 The work is split by job:
-- auth_keyset.py: the key set, read from the keyring at start, on reload, on `keys` changes and
+- security/keyset.py: the key set, read from the keyring at start, on reload, on `keys` changes and
   periodically; never per request. A locked or broken keyring fails closed and is retried.
-- auth_check.py: one request against the policy and the key set (401 / 403 / 429 / 503).
-- auth_policy.py: bind-address checks (a network bind without keys refuses to start).
+- security/check.py: one request against the policy and the key set (401 / 403 / 429 / 503).
+- security/policy.py: bind-address checks (a network bind without keys refuses to start).
 
 Refusals answer in the dialect's error shape and are counted by reason; logs name the reason
 only, never a key or a digest.
@@ -17,13 +17,12 @@ import logging
 from aiohttp import web
 
 from mlx_serve.apis.errors import ErrorInfo, dialect_for_path, error_response
-
-from .admin import is_loopback
-from .auth_check import AuthFailure, KeyVerifier
-from .auth_keyset import KeySet
-from .auth_policy import unauthenticated_network_problem
-from .metrics import Metrics
-from .state import DaemonState
+from mlx_serve.daemon.admin import is_loopback
+from mlx_serve.daemon.metrics import Metrics
+from mlx_serve.daemon.security.check import AuthFailure, KeyVerifier
+from mlx_serve.daemon.security.keyset import KeySet
+from mlx_serve.daemon.security.policy import unauthenticated_network_problem
+from mlx_serve.daemon.state import DaemonState
 
 __all__ = ["KEY_NAME", "VERIFIER", "auth_middleware", "setup_auth", "unauthenticated_network_problem"]
 

@@ -5,7 +5,7 @@ It is read at start, after every successful profile reload, on `POST /keys/refre
 calls run on a worker thread.
 
 If the keyring is locked, missing or broken the set is emptied (a locked keyring locks the keys
-too), `error` says why, and the periodic refresh retries; request checks (auth_check.py) then
+too), `error` says why, and the periodic refresh retries; request checks (security/check.py) then
 refuse key-protected access with a 503 that quotes `error`.
 """
 
@@ -19,11 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
+from mlx_serve.daemon.security.keys import KeyRecord, KeyStore, KeyStoreUnavailable, backend_label
+from mlx_serve.daemon.security.policy import is_loopback_host
+from mlx_serve.daemon.state import DaemonState
 from mlx_serve.profiles.schema import Auth
-
-from .auth_policy import is_loopback_host
-from .keys import KeyRecord, KeyStore, KeyStoreUnavailable, backend_label
-from .state import DaemonState
 
 log = logging.getLogger("mlx_serve.auth")
 LOAD_TIMEOUT = 30.0  # a keyring that does not answer (a prompt nobody sees) counts as unavailable

@@ -19,15 +19,14 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run  # imported lazily: `mlx-serve config ...` stays fast
+    from mlx_serve.daemon.server import run  # imported lazily: `mlx-serve config ...` stays fast
 
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from mlx_serve.apis.redact import install_redaction
     from mlx_serve.launchd.logrotate import setup_file_logging
-
-    from .redact import install_redaction
 
     install_redaction()  # the home directory shows as ~ in every log line (the file log copies it)
     setup_file_logging()  # $MLX_SERVE_HOME/logs/mlx-serve.log, size-rotated
