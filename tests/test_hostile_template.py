@@ -127,6 +127,10 @@ HUGE = {
         "{{ ns.n }}"
     ),
     "translate": "{{ ('x' * 20000).translate({120: 'y' * 20000}) }}",
+    "a list of namespaces that doubles": (
+        "{% set ns = namespace(l=[]) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l, ns] %}"
+        "{% endfor %}{{ ns.l }}"
+    ),
 }
 
 

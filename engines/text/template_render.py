@@ -65,16 +65,13 @@ def weight(value: Any, _seen: dict[int, int] | None = None) -> int:
     seen = {} if _seen is None else _seen
     if isinstance(value, str):
         return len(value)
-    if not isinstance(value, list | tuple | dict | Namespace):
+    if not isinstance(value, list | tuple | dict):  # a namespace is checked as its values are set
         return 1
     key = id(value)
     if key not in seen:
         seen[key] = 0  # a cycle counts once
-        items = value.items() if isinstance(value, dict) else value
-        if isinstance(value, dict):
-            seen[key] = 2 + sum(weight(k, seen) + weight(v, seen) for k, v in items)
-        else:
-            seen[key] = 2 + sum(weight(v, seen) for v in items)
+        parts = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        seen[key] = 2 + sum(weight(part, seen) for part in parts)
     return seen[key]
 
 
